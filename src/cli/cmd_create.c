@@ -1,0 +1,196 @@
+#include "config.h"
+
+#include <inttypes.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+#include "cli/options.h"
+#include "core/image.h"
+#include "core/opts.h"
+
+int cli_print_create_help(const char *filename, const char *fmt)
+{
+    const struct vimg_driver *drv = vimg_internal_find_driver(fmt);
+    if (!drv) {
+        cli_report("Unknown file format '%s'", fmt);
+        return 1;
+    }
+    if (!drv->create_opts) {
+        cli_report("Format driver '%s' does not support image creation", fmt);
+        return 1;
+    }
+    if (filename) {
+        printf("Supported options:\n");
+        cli_print_opts_help(vimg_internal_create_opts(drv));
+    } else {
+        printf("Supported %s options:\n", fmt);
+        cli_print_opts_help(drv->create_opts);
+        printf("\nThe protocol level may support further options.\n"
+               "Specify the target filename to include those options.\n");
+    }
+    return 0;
+}
+
+char *cli_accumulate_options(char *options, const char *arg)
+{
+    char *n;
+    if (!options) {
+        return strdup(arg);
+    }
+    if (asprintf(&n, "%s,%s", options, arg) < 0) {
+        n = NULL;
+    }
+    free(options);
+    return n;
+}
+
+int cmd_create(int argc, char **argv)
+{
+    static const struct option long_options[] = {
+        { "help", no_argument, NULL, 'h' },
+        { "object", required_argument, NULL, 'j' + 256 },
+        { NULL, 0, NULL, 0 },
+    };
+    const char *fmt = "raw", *base = NULL, *base_fmt = NULL;
+    char *options = NULL;
+    bool quiet = false;
+    int64_t size = -1;
+    int c;
+
+    while ((c = getopt_long(argc, argv, ":F:b:f:ho:qu", long_options, NULL)) != -1) {
+        switch (c) {
+        CLI_GETOPT_COMMON(argv)
+        case 'h':
+            cli_help();
+        case 'F':
+            base_fmt = optarg;
+            break;
+        case 'b':
+            base = optarg;
+            break;
+        case 'f':
+            fmt = optarg;
+            break;
+        case 'o':
+            options = cli_accumulate_options(options, optarg);
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'u':
+            break;
+        case 'j' + 256:
+            break;
+        }
+    }
+    const char *filename = optind < argc ? argv[optind] : NULL;
+    if (options && vimg_internal_opts_wants_help(options)) {
+        free(options);
+        return cli_print_create_help(filename, fmt);
+    }
+    if (optind >= argc) {
+        cli_error_exit("Expecting image file name");
+    }
+    optind++;
+    if (optind < argc) {
+        size = cli_cvtnum("image size", argv[optind++]);
+        if (size < 0) {
+            free(options);
+            return 1;
+        }
+    }
+    if (optind != argc) {
+        cli_error_exit("Unexpected argument: %s", argv[optind]);
+    }
+    int ret = cli_create_image(filename, fmt, options, size, base, base_fmt, quiet);
+    free(options);
+    return ret;
+}
+
+int cli_create_image(const char *filename, const char *fmt, const char *options,
+                     int64_t size, const char *base, const char *base_fmt, bool quiet)
+{
+    const struct vimg_driver *drv = vimg_internal_find_driver(fmt);
+    struct vimg_error err = { 0 };
+    struct vimg_opts *opts = NULL;
+    char prefix[4200];
+    int ret = 1;
+
+    snprintf(prefix, sizeof(prefix), "%s: ", filename);
+    if (!drv) {
+        vimg_error_set(&err, EINVAL, "Unknown file format '%s'", fmt);
+        goto fail;
+    }
+    if (!drv->create) {
+        vimg_error_set(&err, ENOTSUP, "Format driver '%s' does not support image creation",
+                       fmt);
+        goto fail;
+    }
+    opts = vimg_opts_new();
+    if (!opts) {
+        vimg_error_set(&err, ENOMEM, "out of memory");
+        goto fail;
+    }
+    if (options && vimg_opts_parse(opts, options, &err) < 0) {
+        goto fail;
+    }
+    const struct vimg_opt_desc *table = vimg_internal_create_opts(drv);
+    if (vimg_internal_opts_validate(opts, table, &err) < 0) {
+        goto fail;
+    }
+    if (!vimg_opts_get(opts, "size")) {
+        if (size >= 0) {
+            char buf[32];
+            snprintf(buf, sizeof(buf), "%" PRId64, size);
+            vimg_opts_set(opts, "size", buf);
+        }
+    } else if (size >= 0) {
+        vimg_error_set(&err, EINVAL, "The image size must be specified only once");
+        goto fail;
+    }
+    if (base) {
+        if (!vimg_internal_opt_find(table, "backing_file")) {
+            vimg_error_set(&err, EINVAL, "Backing file not supported for file format '%s'",
+                           fmt);
+            goto fail;
+        }
+        vimg_opts_set(opts, "backing_file", base);
+    }
+    if (base_fmt) {
+        if (!vimg_internal_opt_find(table, "backing_fmt")) {
+            vimg_error_set(&err, EINVAL,
+                           "Backing file format not supported for file format '%s'", fmt);
+            goto fail;
+        }
+        vimg_opts_set(opts, "backing_fmt", base_fmt);
+    }
+    if (!vimg_opts_get(opts, "size")) {
+        vimg_error_set(&err, EINVAL, "Image creation needs a size parameter");
+        goto fail;
+    }
+    if (!quiet) {
+        printf("Formatting '%s', fmt=%s ", filename, fmt);
+        cli_print_opts_line(opts, table);
+        printf("\n");
+        fflush(stdout);
+    }
+    ret = vimg_create(filename, fmt, opts, &err);
+    if (-EFBIG == ret) {
+        vimg_error_clear(&err);
+        vimg_error_set(&err, EFBIG, "The image size is too large for file format '%s'%s", fmt,
+                       vimg_opts_get(opts, "cluster_size")
+                           ? " (try using a larger cluster size)" : "");
+    }
+    if (ret < 0) {
+        ret = 1;
+        goto fail;
+    }
+    vimg_opts_free(opts);
+    return 0;
+fail:
+    cli_report_err_prefix(&err, prefix);
+    vimg_opts_free(opts);
+    return 1;
+}

@@ -1,0 +1,49 @@
+/* The core's view of an open image: internal to the library and its drivers. */
+#ifndef VIMG_CORE_IMAGE_H
+#define VIMG_CORE_IMAGE_H
+
+#include "vimg/driver.h"
+#include "io/file.h"
+
+#define VIMG_MAX_CHAIN_DEPTH 64
+
+struct vimg_image {
+    const struct vimg_driver *drv;
+    void *opaque;                 /* drv->instance_size bytes, zeroed */
+    struct vimg_file *file;       /* the image's own host file */
+    char *filename;
+    unsigned flags;               /* VIMG_OPEN_* */
+    uint64_t size;                /* virtual size in bytes */
+    struct vimg_limits limits;
+    bool probed;                  /* the format was probed, not given */
+
+    /* Backing chain: the driver records what the image names; the core
+     * resolves and opens it. */
+    char *backing_name;           /* as stored in the image */
+    char *backing_fmt;            /* as stored, or NULL */
+    char *full_backing_name;      /* resolved against the image's folder */
+    struct vimg_image *backing;
+};
+
+extern const struct vimg_driver *const vimg_internal_drivers[];
+
+const struct vimg_driver *vimg_internal_find_driver(const char *name);
+/* The best-scoring driver for these first bytes (raw at worst). */
+const struct vimg_driver *vimg_internal_probe(const uint8_t *buf, size_t len,
+                                              const char *filename);
+
+/* For drivers: record what the image names as its backing file. */
+int vimg_internal_set_backing(struct vimg_image *img, const char *name,
+                              const char *fmt);
+/* Open an image on an existing host file (fuzzers, tests); the image takes
+ * the file. */
+int vimg_internal_open_file(struct vimg_image **out, struct vimg_file *file,
+                            const char *format, unsigned flags,
+                            struct vimg_error *err);
+
+/* Layer-local status of one image (no chain), clipped to [offset, size). */
+int vimg_internal_layer_status(struct vimg_image *img, uint64_t offset,
+                               uint64_t max_len, struct vimg_run *run,
+                               struct vimg_error *err);
+
+#endif
