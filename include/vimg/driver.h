@@ -178,6 +178,10 @@ struct vimg_driver {
     /* Set when a format has no fixed relation of disk size to file size and
      * zero-initialised fresh images (qemu's has_zero_init). */
     bool (*has_zero_init)(struct vimg_image *img);
+    /* True when the host file is the guest disk itself (raw): other
+     * writers cannot corrupt metadata, so the file is not locked against
+     * them unless the caller asks (VIMG_OPEN_NO_SHARE). */
+    bool data_only;
     /* Snapshot and amend ops come here (append only). */
 };
 

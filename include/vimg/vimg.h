@@ -71,6 +71,8 @@ enum {
     VIMG_OPEN_FORCE_SHARE = 1u << 2,  /* -U: take no locks (read-only only) */
     VIMG_OPEN_NO_IO       = 1u << 3,  /* metadata only (info) */
     VIMG_OPEN_ALLOW_OUTSIDE = 1u << 4, /* user allows references outside the folder */
+    VIMG_OPEN_NO_SHARE    = 1u << 5,  /* let nobody else write or resize (convert source) */
+    VIMG_OPEN_RESIZE      = 1u << 6,  /* the caller will resize the image */
 };
 
 /* Open `filename` with driver `format`, or probe when format is NULL.  With a

@@ -26,6 +26,9 @@ void cli_report_err_prefix(const struct vimg_error *err, const char *prefix);
     case '?':                                                                \
         cli_error_exit("unrecognized option '%s'", argv[optind - 1]);
 
+/* qemu's cache modes: none/off, directsync, writeback, unsafe, writethrough. */
+bool cli_cache_mode_valid(const char *mode);
+
 enum cli_output { CLI_OUT_HUMAN, CLI_OUT_JSON };
 /* Returns -1 (after printing qemu's message) for anything but human/json. */
 int cli_parse_output(const char *arg, enum cli_output *out);

@@ -119,6 +119,10 @@ int cmd_check(int argc, char **argv)
             }
             break;
         case 'T':
+            if (!cli_cache_mode_valid(optarg)) {
+                cli_report("Invalid source cache option: %s", optarg);
+                return 1;
+            }
             break;
         case 'q':
             quiet = true;

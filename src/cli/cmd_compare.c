@@ -85,6 +85,10 @@ int cmd_compare(int argc, char **argv)
             fmt2 = optarg;
             break;
         case 'T':
+            if (!cli_cache_mode_valid(optarg)) {
+                cli_report("Invalid source cache option: %s", optarg);
+                return 2;
+            }
             break;
         case 'p':
             progress = true;
@@ -156,7 +160,9 @@ int cmd_compare(int argc, char **argv)
         }
         bool alloc1 = s1.flags & VIMG_STATUS_ALLOCATED, alloc2 = s2.flags & VIMG_STATUS_ALLOCATED;
         uint64_t chunk = s1.length < s2.length ? s1.length : s2.length;
-        if (strict && status_bits(&s1) != status_bits(&s2)) {
+        /* qemu's strict status also says whether the run reaches the end */
+        bool eof1 = offset + s1.length >= size1, eof2 = offset + s2.length >= size2;
+        if (strict && (status_bits(&s1) != status_bits(&s2) || eof1 != eof2)) {
             ret = 1;
             if (!quiet) {
                 printf("Strict mode: Offset %" PRIu64 " block status mismatch!\n", offset);

@@ -36,7 +36,7 @@ int cmd_convert(int argc, char **argv)
     bool target_is_zero = false, copy_range = false, explicit_sparse = false;
     bool bitmaps = false, skip_broken = false, target_image_opts = false;
     uint64_t sparse_size = 4096;
-    unsigned src_flags = 0;
+    unsigned src_flags = VIMG_OPEN_NO_SHARE;
     int c, ret = 1;
 
     while ((c = getopt_long(argc, argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", long_options,
@@ -87,7 +87,16 @@ int cmd_convert(int argc, char **argv)
             progress = true;
             break;
         case 't':
+            if (!cli_cache_mode_valid(optarg)) {
+                cli_report("Invalid cache option: %s", optarg);
+                goto out;
+            }
+            break;
         case 'T':
+            if (!cli_cache_mode_valid(optarg)) {
+                cli_report("Invalid source cache option: %s", optarg);
+                goto out;
+            }
             break;
         case 'q':
             quiet = true;
@@ -186,10 +195,6 @@ int cmd_convert(int argc, char **argv)
         }
         total += vimg_size(srcs[i]);
     }
-    if (out_base && !backing_fmt) {
-        cli_report("Use of backing file requires explicit backing format");
-        goto out_close;
-    }
     if (!skip_create) {
         const struct vimg_driver *drv = vimg_internal_find_driver(out_fmt);
         struct vimg_error err = { 0 };
@@ -208,6 +213,12 @@ int cmd_convert(int argc, char **argv)
             vimg_opts_free(opts);
             goto out_close;
         }
+        if ((out_base || backing_fmt) &&
+            !vimg_internal_opt_find(vimg_internal_create_opts(drv), "backing_file")) {
+            cli_report("Backing file not supported for file format '%s'", out_fmt);
+            vimg_opts_free(opts);
+            goto out_close;
+        }
         char sz[32];
         snprintf(sz, sizeof(sz), "%" PRIu64, total);
         vimg_opts_set(opts, "size", sz);
@@ -215,7 +226,8 @@ int cmd_convert(int argc, char **argv)
             vimg_opts_set(opts, "backing_file", out_base);
             vimg_opts_set(opts, "backing_fmt", backing_fmt);
         }
-        if (vimg_opts_get(opts, "backing_file") && !vimg_opts_get(opts, "backing_fmt")) {
+        if ((out_base && !backing_fmt) ||
+            (vimg_opts_get(opts, "backing_file") && !vimg_opts_get(opts, "backing_fmt"))) {
             cli_report("Use of backing file requires explicit backing format");
             vimg_opts_free(opts);
             goto out_close;

@@ -28,6 +28,7 @@ int cmd_measure(int argc, char **argv)
     unsigned flags = 0;
     bool image_opts = false;
     int64_t size = 0;
+    bool size_given = false;
     int c, ret = 1;
 
     while ((c = getopt_long(argc, argv, "hf:O:o:l:U", long_options, NULL)) != -1) {
@@ -61,6 +62,7 @@ int cmd_measure(int argc, char **argv)
             if (size < 0) {
                 goto out;
             }
+            size_given = true;
             break;
         }
     }
@@ -78,11 +80,11 @@ int cmd_measure(int argc, char **argv)
         cli_report("--image-opts, -f, and -l require a filename argument.");
         goto out;
     }
-    if (filename && size) {
+    if (filename && size_given) {
         cli_report("--size N cannot be used together with a filename.");
         goto out;
     }
-    if (!filename && !size) {
+    if (!filename && !size_given) {
         cli_report("Either --size N or one filename must be specified.");
         goto out;
     }
@@ -109,7 +111,7 @@ int cmd_measure(int argc, char **argv)
     } else if (!drv->measure) {
         cli_report("Block driver '%s' does not support size measurement", out_fmt);
     } else {
-        if (size) {
+        if (size_given) {
             char buf[32];
             snprintf(buf, sizeof(buf), "%" PRId64, size);
             vimg_opts_set(opts, "size", buf);

@@ -61,13 +61,13 @@ int cmd_resize(int argc, char **argv)
         relative = -1;
         size++;
     }
-    if (vimg_parse_size(size, 'B', &n) < 0 || n > INT64_MAX) {
+    if (vimg_parse_size(size, 'B', &n) < 0) {
         cli_report("Parameter 'size' expects a non-negative number below 2^64");
         fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, "
                 "tera-, peta-\nand exabytes, respectively.\n");
         return 1;
     }
-    struct vimg_image *img = cli_open(filename, fmt, VIMG_OPEN_RDWR | VIMG_OPEN_NO_BACKING,
+    struct vimg_image *img = cli_open(filename, fmt, VIMG_OPEN_RDWR | VIMG_OPEN_RESIZE | VIMG_OPEN_NO_BACKING,
                                       quiet);
     if (!img) {
         return 1;

@@ -68,6 +68,11 @@ int64_t cli_cvtnum_full(const char *name, const char *value, int64_t min, int64_
         cli_report("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
         return -1;
     }
+    if (0 == ret && ('0' == value[0] && ('x' == value[1] || 'X' == value[1])) &&
+        value[2] && strchr("bBkKmMgGtTpPeE", value[strlen(value) - 1])) {
+        fprintf(stderr, "%s: warning: Using a multiplier suffix on hex numbers is "
+                "deprecated: %s\n", cli_progname, value);
+    }
     if (-ERANGE == ret || res > (uint64_t)max || (int64_t)res < min) {
         cli_report("Invalid %s specified. Must be between %" PRId64 " and %" PRId64 ".",
                    name, min, max);
@@ -138,4 +143,16 @@ void cli_progress_end(struct cli_progress *p)
     if (p->enabled) {
         printf("\n");
     }
+}
+
+bool cli_cache_mode_valid(const char *mode)
+{
+    static const char *const modes[] = { "none", "off", "directsync", "writeback",
+                                         "unsafe", "writethrough" };
+    for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++) {
+        if (0 == strcmp(mode, modes[i])) {
+            return true;
+        }
+    }
+    return false;
 }

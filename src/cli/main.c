@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "core/image.h"
 
 const char *cli_progname = "vimg";
 
@@ -73,7 +74,11 @@ _Noreturn void cli_help(void)
 
 static void print_features(void)
 {
-    printf("io_uring=%s\nlibaio=%s\nzstd=%s\n", HAVE_LIBURING ? "yes" : "no",
+    printf("formats=");
+    for (size_t i = 0; vimg_internal_drivers[i]; i++) {
+        printf("%s%s", i ? "," : "", vimg_internal_drivers[i]->name);
+    }
+    printf("\nio_uring=%s\nlibaio=%s\nzstd=%s\n", HAVE_LIBURING ? "yes" : "no",
            HAVE_LIBAIO ? "yes" : "no", HAVE_ZSTD ? "yes" : "no");
 }
 

@@ -104,6 +104,43 @@ static char *resolve_relative(const char *image, const char *name)
     return out;
 }
 
+int vimg_internal_lock_file(struct vimg_file *f, unsigned held, unsigned unshared,
+                            struct vimg_error *err)
+{
+    const char *perm = NULL;
+    bool shared = false;
+    int ret = vimg_file_lock(f, held, unshared, &perm, &shared);
+    if (ret < 0) {
+        vimg_error_set(err, -ret, "Failed to get %s\"%s\" lock\n"
+                       "Is another process using the image [%s]?",
+                       shared ? "shared " : "", perm, f->name);
+    }
+    return ret;
+}
+
+/* The permissions qemu's block layer asks for on an image's file. */
+static int image_lock(struct vimg_image *img, unsigned flags, struct vimg_error *err)
+{
+    unsigned held = 0, unshared = 0;
+
+    if (!(flags & VIMG_OPEN_NO_IO)) {
+        held |= VIMG_PERM_CONSISTENT_READ;
+    }
+    if (flags & VIMG_OPEN_RDWR) {
+        held |= VIMG_PERM_WRITE;
+        if ((flags & VIMG_OPEN_RESIZE) || !img->drv->data_only) {
+            held |= VIMG_PERM_RESIZE;
+        }
+    }
+    if (!img->drv->data_only || (flags & VIMG_OPEN_NO_SHARE)) {
+        unshared = VIMG_PERM_WRITE | VIMG_PERM_RESIZE;
+    }
+    if (flags & VIMG_OPEN_FORCE_SHARE) {
+        unshared = 0;
+    }
+    return vimg_internal_lock_file(img->file, held, unshared, err);
+}
+
 static int image_open_layer(struct vimg_image **out, struct vimg_file *file,
                             const char *filename, const char *format, unsigned flags,
                             struct vimg_error *err)
@@ -152,6 +189,11 @@ static int image_open_layer(struct vimg_image **out, struct vimg_file *file,
         image_free(img);
         vimg_error_set(err, ENOMEM, "out of memory");
         return -ENOMEM;
+    }
+    ret = image_lock(img, flags, err);
+    if (ret < 0) {
+        image_free(img);
+        return ret;
     }
     ret = DRV_CALL(err, drv->open(img, flags, err));
     if (ret < 0) {
@@ -269,13 +311,14 @@ int vimg_open(struct vimg_image **out, const char *filename, const char *format,
     }
     ret = open_host_file(&file, filename, flags, err);
     if (ret < 0) {
-        if (-EISDIR != ret && -ENOTSUP != ret) {
-            vimg_error_prefix(err, "Could not open '%s': ", filename);
-        }
+        vimg_error_prefix(err, "Could not open '%s': ", filename);
         return ret;
     }
     ret = image_open_layer(&img, file, filename, format, flags, err);
     if (ret < 0) {
+        if (EAGAIN == err->code) {
+            vimg_error_prefix(err, "Could not open '%s': ", filename);
+        }
         return ret;
     }
     if (!(flags & VIMG_OPEN_NO_BACKING)) {

@@ -41,6 +41,10 @@ int vimg_internal_open_file(struct vimg_image **out, struct vimg_file *file,
                             const char *format, unsigned flags,
                             struct vimg_error *err);
 
+/* Take qemu-compatible image locks on f, with qemu's message on conflict. */
+int vimg_internal_lock_file(struct vimg_file *f, unsigned held, unsigned unshared,
+                            struct vimg_error *err);
+
 /* Layer-local status of one image (no chain), clipped to [offset, size). */
 int vimg_internal_layer_status(struct vimg_image *img, uint64_t offset,
                                uint64_t max_len, struct vimg_run *run,

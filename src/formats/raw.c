@@ -205,9 +205,17 @@ static int raw_create(const char *filename, const struct vimg_opts *opts,
         vimg_error_set(err, EFBIG, "The image size is too large for file format 'raw'");
         return -EFBIG;
     }
+    /* qemu creates raw images in whole sectors */
+    vimg_round_up(size, RAW_SECTOR, &size);
     ret = vimg_file_open_posix(&f, filename, VIMG_FILE_RDWR | VIMG_FILE_CREATE);
     if (ret < 0) {
         vimg_error_set(err, -ret, "Could not create '%s': %s", filename, strerror(-ret));
+        return ret;
+    }
+    ret = vimg_internal_lock_file(f, VIMG_PERM_WRITE | VIMG_PERM_RESIZE, VIMG_PERM_RESIZE,
+                                  err);
+    if (ret < 0) {
+        vimg_file_close(f);
         return ret;
     }
     ret = f->ops->truncate(f, 0);
@@ -262,4 +270,5 @@ const struct vimg_driver vimg_driver_raw = {
     .truncate = raw_truncate,
     .measure = raw_measure,
     .has_zero_init = raw_has_zero_init,
+    .data_only = true,
 };

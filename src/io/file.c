@@ -325,6 +325,86 @@ int vimg_file_open_posix(struct vimg_file **out, const char *name, unsigned flag
     return 0;
 }
 
+#define LOCK_BASE_HELD 100
+#define LOCK_BASE_UNSHARED 200
+#define LOCK_NPERMS 4
+
+static const char *const perm_names[LOCK_NPERMS] = {
+    "consistent read", "write", "write unchanged", "resize",
+};
+
+static int lock_byte(int fd, int type, int cmd, uint64_t byte, bool *conflict)
+{
+    struct flock fl = {
+        .l_type = (short)type,
+        .l_whence = SEEK_SET,
+        .l_start = (off_t)byte,
+        .l_len = 1,
+    };
+    if (fcntl(fd, cmd, &fl) < 0) {
+        return -errno;
+    }
+    if (conflict) {
+        *conflict = F_UNLCK != fl.l_type;
+    }
+    return 0;
+}
+
+int vimg_file_lock(struct vimg_file *f, unsigned held, unsigned unshared,
+                   const char **perm_name, bool *shared)
+{
+    int ret = 0;
+    bool conflict;
+
+    if (f->fd < 0) {
+        return 0;
+    }
+    /* Drop what a previous call took, then take the new set. */
+    for (unsigned i = 0; i < LOCK_NPERMS; i++) {
+        for (unsigned base = LOCK_BASE_HELD; base <= LOCK_BASE_UNSHARED; base += 100) {
+            unsigned mask = LOCK_BASE_HELD == base ? held : unshared;
+            int type = (mask & (1u << i)) ? F_RDLCK : F_UNLCK;
+            ret = lock_byte(f->fd, type, F_OFD_SETLK, base + i, NULL);
+            if (-EINVAL == ret && 0 == i && LOCK_BASE_HELD == base) {
+                return 0;   /* no OFD locks on this file system: run unlocked */
+            }
+            if (ret < 0 && F_RDLCK == type) {
+                goto conflict_found;
+            }
+        }
+    }
+    for (unsigned i = 0; i < LOCK_NPERMS; i++) {
+        if ((held & (1u << i))) {
+            ret = lock_byte(f->fd, F_WRLCK, F_OFD_GETLK, LOCK_BASE_UNSHARED + i, &conflict);
+            if (ret < 0 || conflict) {
+                *perm_name = perm_names[i];
+                *shared = false;
+                goto fail;
+            }
+        }
+    }
+    for (unsigned i = 0; i < LOCK_NPERMS; i++) {
+        if ((unshared & (1u << i))) {
+            ret = lock_byte(f->fd, F_WRLCK, F_OFD_GETLK, LOCK_BASE_HELD + i, &conflict);
+            if (ret < 0 || conflict) {
+                *perm_name = perm_names[i];
+                *shared = true;
+                goto fail;
+            }
+        }
+    }
+    return 0;
+conflict_found:
+    *perm_name = "consistent read";
+    *shared = false;
+fail:
+    for (unsigned i = 0; i < LOCK_NPERMS; i++) {
+        lock_byte(f->fd, F_UNLCK, F_OFD_SETLK, LOCK_BASE_HELD + i, NULL);
+        lock_byte(f->fd, F_UNLCK, F_OFD_SETLK, LOCK_BASE_UNSHARED + i, NULL);
+    }
+    return -EAGAIN;
+}
+
 void vimg_file_close(struct vimg_file *f)
 {
     if (!f) {

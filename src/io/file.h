@@ -84,6 +84,22 @@ static inline int vimg_file_sync(struct vimg_file *f)
 }
 void vimg_file_close(struct vimg_file *f);
 
+/*
+ * Image locks, interoperable with QEMU's: OFD read locks on single bytes,
+ * 100+i for "I use permission i", 200+i for "I do not let others use it".
+ * held and unshared are masks of VIMG_PERM_*.  On a conflict the call
+ * returns -EAGAIN with *perm_name set to the permission's name and *shared
+ * telling which of qemu's two messages applies; it then holds nothing.
+ */
+enum {
+    VIMG_PERM_CONSISTENT_READ = 1u << 0,
+    VIMG_PERM_WRITE           = 1u << 1,
+    VIMG_PERM_WRITE_UNCHANGED = 1u << 2,
+    VIMG_PERM_RESIZE          = 1u << 3,
+};
+int vimg_file_lock(struct vimg_file *f, unsigned held, unsigned unshared,
+                   const char **perm_name, bool *shared);
+
 /* One zero-detection function for the whole project. */
 bool vimg_is_zero(const void *buf, size_t len);
 

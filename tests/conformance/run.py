@@ -58,6 +58,9 @@ be unique).  Inside a case every line is `KEY: VALUE`:
                         exit with N under the real qemu-img (otherwise the
                         case itself is wrong and fails).
   timeout: SECONDS      Per-command timeout (default 60).
+  requires: FMT...      Formats the case needs in vimg (`vimg --features`
+                        lists them as formats=a,b); without them the case
+                        is reported `skip NAME` and counted as skipped.
 
 Commands get stdin from /dev/null and LC_ALL=C.  Output: one line per case,
 `ok NAME` or `FAIL NAME` followed by an indented report, and finally the
@@ -99,6 +102,7 @@ class Case:
         self.filters = []        # list of (stream|None, regex, repl)
         self.expect_rc = None
         self.timeout = DEFAULT_TIMEOUT
+        self.requires = []       # formats vimg must have
 
 
 def parse_filter(value, where):
@@ -159,6 +163,8 @@ def parse_case_file(path):
                 cur.expect_rc = int(value)
             elif key == 'timeout':
                 cur.timeout = float(value)
+            elif key == 'requires':
+                cur.requires.extend(value.split())
             else:
                 raise CaseError("%s: unknown directive %r" % (where, key))
             # validate shell splitting early
@@ -473,6 +479,20 @@ def main():
             print(c.name)
         return 0
 
+    formats = set()
+    try:
+        feat = subprocess.run([args.vimg, '--features'], capture_output=True,
+                              text=True, timeout=30).stdout
+        for line in feat.splitlines():
+            if line.startswith('formats='):
+                formats = set(line[len('formats='):].split(','))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    skipped = [c for c in cases if not set(c.requires) <= formats]
+    for c in skipped:
+        print('skip %s (needs %s)' % (c.name, ' '.join(sorted(set(c.requires) - formats))))
+    cases = [c for c in cases if set(c.requires) <= formats]
+
     runner = Runner(args)
     passed = failed = 0
     with concurrent.futures.ThreadPoolExecutor(max(1, args.j)) as ex:
@@ -485,7 +505,7 @@ def main():
                 passed += 1
             else:
                 failed += 1
-    print('%d passed, %d failed' % (passed, failed))
+    print('%d passed, %d failed, %d skipped' % (passed, failed, len(skipped)))
     return 1 if failed else 0
 
 
