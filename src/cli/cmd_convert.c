@@ -64,7 +64,9 @@ int cmd_convert(int argc, char **argv)
             backing_fmt = optarg;
             break;
         case 'o':
-            options = cli_accumulate_options(options, optarg);
+            if (cli_accumulate_options(&options, optarg) < 0) {
+                goto out;
+            }
             break;
         case 'l':
             break;

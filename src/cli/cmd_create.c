@@ -33,17 +33,37 @@ int cli_print_create_help(const char *filename, const char *fmt)
     return 0;
 }
 
-char *cli_accumulate_options(char *options, const char *arg)
+/* qemu refuses an empty list, a leading comma, and an odd run of trailing
+ * commas (a dangling separator rather than an escaped one). */
+static bool option_list_valid(const char *arg)
+{
+    size_t len = strlen(arg), i = len;
+    if (!arg[0] || ',' == arg[0]) {
+        return false;
+    }
+    while (i > 0 && ',' == arg[i - 1]) {
+        i--;
+    }
+    return 0 == (len - i) % 2;
+}
+
+int cli_accumulate_options(char **options, const char *arg)
 {
     char *n;
-    if (!options) {
-        return strdup(arg);
+    if (!option_list_valid(arg)) {
+        cli_report("Invalid option list: %s", arg);
+        return -1;
     }
-    if (asprintf(&n, "%s,%s", options, arg) < 0) {
-        n = NULL;
+    if (!*options) {
+        *options = strdup(arg);
+        return *options ? 0 : -1;
     }
-    free(options);
-    return n;
+    if (asprintf(&n, "%s,%s", *options, arg) < 0) {
+        return -1;
+    }
+    free(*options);
+    *options = n;
+    return 0;
 }
 
 int cmd_create(int argc, char **argv)
@@ -74,7 +94,10 @@ int cmd_create(int argc, char **argv)
             fmt = optarg;
             break;
         case 'o':
-            options = cli_accumulate_options(options, optarg);
+            if (cli_accumulate_options(&options, optarg) < 0) {
+                free(options);
+                return 1;
+            }
             break;
         case 'q':
             quiet = true;

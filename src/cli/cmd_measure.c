@@ -43,7 +43,9 @@ int cmd_measure(int argc, char **argv)
             out_fmt = optarg;
             break;
         case 'o':
-            options = cli_accumulate_options(options, optarg);
+            if (cli_accumulate_options(&options, optarg) < 0) {
+                goto out;
+            }
             break;
         case 'l':
             snapshot = optarg;

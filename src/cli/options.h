@@ -7,8 +7,9 @@
 
 #include "vimg/driver.h"
 
-/* Join repeated -o arguments with ','; frees options. */
-char *cli_accumulate_options(char *options, const char *arg);
+/* Join repeated -o arguments with ','; prints qemu's message and returns
+ * -1 for a malformed list. */
+int cli_accumulate_options(char **options, const char *arg);
 /* `-o help`: qemu's listing for fmt, with or without a target file name. */
 int cli_print_create_help(const char *filename, const char *fmt);
 void cli_print_opts_help(const struct vimg_opt_desc *table);

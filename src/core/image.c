@@ -632,7 +632,10 @@ int vimg_truncate(struct vimg_image *img, uint64_t size, enum vimg_prealloc prea
         vimg_error_set(err, ENOTSUP, "Image format driver does not support resize");
         return -ENOTSUP;
     }
-    (void)allow_shrink;
+    if (size < img->size && !allow_shrink) {
+        vimg_error_set(err, EPERM, "Use the --shrink option to perform a shrink operation.");
+        return -EPERM;
+    }
     return DRV_CALL(err, img->drv->truncate(img, size, prealloc, err));
 }
 

@@ -137,7 +137,11 @@ int vimg_opts_parse(struct vimg_opts *opts, const char *text, struct vimg_error 
         goto out;
     }
     while (*p) {
-        p = opts_take(p, "=,", key, len);
+        /* a name ends at the first '=' or ',' (",," escapes only values) */
+        size_t k = strcspn(p, "=,");
+        memcpy(key, p, k);
+        key[k] = '\0';
+        p += k;
         if ('=' == *p) {
             p = opts_take(p + 1, ",", val, len);
         } else {
@@ -173,19 +177,20 @@ out:
 
 bool vimg_internal_opts_wants_help(const char *text)
 {
-    char *copy = strdup(text);
+    size_t len = strlen(text) + 1;
+    char *item = malloc(len);
     bool found = false;
-    char *save = NULL;
 
-    if (!copy) {
-        return false;
-    }
-    for (char *t = strtok_r(copy, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-        if (0 == strcmp(t, "help") || 0 == strcmp(t, "?")) {
+    for (const char *p = text; item && *p;) {
+        p = opts_take(p, ",", item, len);
+        if (0 == strcmp(item, "help") || 0 == strcmp(item, "?")) {
             found = true;
         }
+        if (',' == *p) {
+            p++;
+        }
     }
-    free(copy);
+    free(item);
     return found;
 }
 
@@ -236,6 +241,22 @@ const struct vimg_opt_desc *vimg_internal_create_opts(const struct vimg_driver *
     return c->table;
 }
 
+/* qemu's boolean spellings: 1 true, 0 false, -1 neither. */
+static int opt_bool_value(const char *v)
+{
+    static const char *const yes[] = { "on", "yes", "true", "y" };
+    static const char *const no[] = { "off", "no", "false", "n" };
+    for (size_t i = 0; i < VIMG_ARRAY_SIZE(yes); i++) {
+        if (0 == strcmp(v, yes[i])) {
+            return 1;
+        }
+        if (0 == strcmp(v, no[i])) {
+            return 0;
+        }
+    }
+    return -1;
+}
+
 static int opt_check_value(const struct vimg_opt_desc *d, const char *v,
                            struct vimg_error *err)
 {
@@ -244,12 +265,17 @@ static int opt_check_value(const struct vimg_opt_desc *d, const char *v,
 
     switch (d->type) {
     case VIMG_OPT_BOOL:
-        if (strcmp(v, "on") && strcmp(v, "off")) {
+        if (opt_bool_value(v) < 0) {
             vimg_error_set(err, EINVAL, "Parameter '%s' expects 'on' or 'off'", d->name);
             return -EINVAL;
         }
         return 0;
     case VIMG_OPT_SIZE:
+        if (-ERANGE == vimg_parse_size(v, 'B', &n)) {
+            vimg_error_set(err, EINVAL, "Value '%s' is out of range for parameter '%s'",
+                           v, d->name);
+            return -EINVAL;
+        }
         if (vimg_parse_size(v, 'B', &n) < 0) {
             vimg_error_set(err, EINVAL,
                            "Parameter '%s' expects a non-negative number below 2^64\n"
@@ -260,8 +286,15 @@ static int opt_check_value(const struct vimg_opt_desc *d, const char *v,
         }
         return 0;
     case VIMG_OPT_NUMBER:
+        /* strtoull semantics, as qemu: "-1" wraps around, overflow is an error */
         errno = 0;
-        if ('-' == v[0] || (strtoull(v, &end, 0), errno) || end == v || *end) {
+        strtoull(v, &end, 0);
+        if (ERANGE == errno) {
+            vimg_error_set(err, EINVAL, "Value '%s' is too large for parameter '%s'", v,
+                           d->name);
+            return -EINVAL;
+        }
+        if (end == v || *end) {
             vimg_error_set(err, EINVAL, "Parameter '%s' expects a number", d->name);
             return -EINVAL;
         }
@@ -301,7 +334,7 @@ uint64_t vimg_internal_opt_size(const struct vimg_opts *opts, const char *key,
 bool vimg_internal_opt_bool(const struct vimg_opts *opts, const char *key, bool def)
 {
     const char *v = vimg_opts_get(opts, key);
-    return v ? 0 == strcmp(v, "on") : def;
+    return v ? 1 == opt_bool_value(v) : def;
 }
 
 const char *vimg_internal_opt_str(const struct vimg_opts *opts, const char *key,

@@ -276,39 +276,45 @@ static void sb_indent(struct sbuf *b, int level)
     }
 }
 
-/* Decode one UTF-8 sequence; returns its length, or 0 when invalid. */
-static size_t utf8_decode(const unsigned char *s, uint32_t *cp)
+/* Decode one sequence of qemu's "modified UTF-8" (\xC0\x80 is NUL).
+ * Returns the code point or -1, and sets *used: an invalid sequence
+ * consumes the bytes read up to the point it went wrong, so it turns into a
+ * single U+FFFD as in qemu's output. */
+static int32_t utf8_decode(const unsigned char *s, size_t *used)
 {
-    size_t n;
-    uint32_t c = s[0];
-    if (c < 0x80) {
-        *cp = c;
-        return 1;
-    } else if (0xC0 == (c & 0xE0)) {
-        n = 2;
-        c &= 0x1F;
-    } else if (0xE0 == (c & 0xF0)) {
-        n = 3;
-        c &= 0x0F;
-    } else if (0xF0 == (c & 0xF8)) {
-        n = 4;
-        c &= 0x07;
-    } else {
-        return 0;
+    static const uint32_t min_for_len[7] = { 0, 0, 0x80, 0x800, 0x10000, 0x200000,
+                                             0x4000000 };
+    unsigned lead = s[0];
+    unsigned len = 0;
+    uint32_t cp;
+
+    *used = 1;
+    if (lead < 0x80) {
+        return (int32_t)lead;
     }
-    for (size_t i = 1; i < n; i++) {
+    if (lead >= 0xFE || !(lead & 0x40)) {
+        return -1;      /* 0xFE/0xFF, or a stray continuation byte */
+    }
+    while (lead & (0x80u >> len)) {
+        len++;
+    }
+    cp = lead & ((0x80u >> len) - 1);
+    for (unsigned i = 1; i < len; i++) {
         if (0x80 != (s[i] & 0xC0)) {
-            return 0;
+            *used = i;
+            return -1;
         }
-        c = (c << 6) | (s[i] & 0x3F);
+        cp = (cp << 6) | (s[i] & 0x3F);
     }
-    /* overlong forms, surrogates and out-of-range code points are invalid */
-    if ((2 == n && c < 0x80) || (3 == n && c < 0x800) || (4 == n && c < 0x10000) ||
-        c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) {
-        return 0;
+    *used = len;
+    if (cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF) ||
+        (cp >= 0xFDD0 && cp <= 0xFDEF) || 0xFFFE == (cp & 0xFFFE)) {
+        return -1;
     }
-    *cp = c;
-    return n;
+    if (cp < min_for_len[len] && !(0 == cp && 2 == len)) {
+        return -1;      /* overlong */
+    }
+    return (int32_t)cp;
 }
 
 static void sb_json_string(struct sbuf *b, const char *s)
@@ -316,12 +322,9 @@ static void sb_json_string(struct sbuf *b, const char *s)
     const unsigned char *p = (const unsigned char *)s;
     sb_str(b, "\"");
     while (*p) {
-        uint32_t cp;
-        size_t n = utf8_decode(p, &cp);
-        if (0 == n) {
-            cp = 0xFFFD;
-            n = 1;
-        }
+        size_t n;
+        int32_t dec = utf8_decode(p, &n);
+        uint32_t cp = dec < 0 ? 0xFFFD : (uint32_t)dec;
         p += n;
         switch (cp) {
         case '"': sb_str(b, "\\\""); continue;

@@ -79,7 +79,8 @@ int vimg_parse_size(const char *s, char default_suffix, uint64_t *out)
             frac += (*p - '0') * scale;
             scale /= 10;
         }
-        valf = (uint64_t)(frac * 0x1p64);
+        /* a fraction that rounds up to 1.0 would overflow the cast */
+        valf = frac * 0x1p64 >= 0x1p64 ? UINT64_MAX : (uint64_t)(frac * 0x1p64);
     }
     if (*p && (shift = size_suffix_shift(*p)) >= 0) {
         p++;

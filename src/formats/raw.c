@@ -197,9 +197,13 @@ static int raw_create(const char *filename, const struct vimg_opts *opts,
     struct vimg_file *f;
     int ret;
 
-    if (vimg_prealloc_parse(pstr, &prealloc) < 0 || VIMG_PREALLOC_METADATA == prealloc) {
+    if (vimg_prealloc_parse(pstr, &prealloc) < 0) {
         vimg_error_set(err, EINVAL, "invalid parameter value: %s", pstr);
         return -EINVAL;
+    }
+    if (VIMG_PREALLOC_METADATA == prealloc) {
+        vimg_error_set(err, ENOTSUP, "Unsupported preallocation mode: metadata");
+        return -ENOTSUP;
     }
     if (size > INT64_MAX - RAW_SECTOR + 1) {
         vimg_error_set(err, EFBIG, "The image size is too large for file format 'raw'");

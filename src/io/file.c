@@ -491,6 +491,9 @@ static int mem_allocate(struct vimg_file *f, uint64_t off, uint64_t len,
 {
     struct mem_file *m = (struct mem_file *)f;
     uint64_t end;
+    if (!f->writable) {
+        return -EBADF;
+    }
     if (!vimg_add_ok(off, len, &end)) {
         return -EFBIG;
     }
