@@ -158,11 +158,8 @@ int vimg_opts_parse(struct vimg_opts *opts, const char *text, struct vimg_error 
         if (',' == *p) {
             p++;
         }
-        if ('\0' == key[0]) {
-            vimg_error_set(err, EINVAL, "Invalid parameter ''");
-            ret = -EINVAL;
-            goto out;
-        }
+        /* An empty name is kept: validation reports it in its turn, as
+         * qemu reports the first bad item of the list. */
         ret = vimg_opts_set(opts, key, val);
         if (ret < 0) {
             vimg_error_set(err, -ret, "out of memory");
