@@ -126,7 +126,8 @@ static const char *opts_take(const char *p, const char *delims, char *out, size_
 
 int vimg_opts_parse(struct vimg_opts *opts, const char *text, struct vimg_error *err)
 {
-    size_t len = strlen(text) + 1;
+    /* room for the whole text, or for the "on"/"off" of a bare flag */
+    size_t len = strlen(text) + 4;
     char *key = malloc(len);
     char *val = malloc(len);
     const char *p = text;
