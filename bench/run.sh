@@ -44,12 +44,16 @@ export LC_ALL=C
 #   "convert-qcow2-1G-dense | mk_dense qcow2 1G | convert -f qcow2 -O raw @SRC@ @OUT@ | compare:raw"
 # (the mk_* helpers build the data as raw and convert it with the reference
 # qemu-img when the format is not raw).
+# Note: qemu-img convert's default target cache mode is "unsafe" (it never
+# flushes the output), vimg always fdatasyncs it; the -t writeback row makes
+# qemu-img flush too, so it compares the copy engines at equal durability.
 # ---------------------------------------------------------------------------
 WORKLOADS=(
     "convert-raw-1T-sparse        | mk_sparse raw 1T     | convert -f raw -O raw @SRC@ @OUT@    | compare:raw"
     "map-raw-1T-sparse            | mk_sparse raw 1T     | map -f raw --output=json @SRC@       | stdout"
     "measure-raw-1T-sparse        | mk_sparse raw 1T     | measure -f raw -O raw @SRC@          | stdout"
     "convert-raw-1G-dense         | mk_dense raw 1G      | convert -f raw -O raw @SRC@ @OUT@    | compare:raw"
+    "convert-raw-1G-dense-t-writeback | mk_dense raw 1G  | convert -t writeback -f raw -O raw @SRC@ @OUT@ | compare:raw"
     "convert-raw-1G-zeros-written | mk_zeros raw 1G      | convert -f raw -O raw @SRC@ @OUT@    | compare:raw"
     "convert-raw-1G-mixed         | mk_mixed raw 1G      | convert -f raw -O raw @SRC@ @OUT@    | compare:raw"
     "compare-raw-1G-dense         | mk_dense_pair raw 1G | compare -f raw -F raw @SRC@ @SRC2@   | stdout"
@@ -262,7 +266,7 @@ print_header() {
         echo "|${COLS[*]}|"
         echo "|---|--:|--:|--:|--:|--:|---|"
     else
-        printf '%-30s %11s %11s %10s %13s %13s  %s\n' "${COLS[@]}"
+        printf '%-34s %11s %11s %10s %13s %13s  %s\n' "${COLS[@]}"
     fi
 }
 print_row() {
@@ -270,7 +274,7 @@ print_row() {
         local IFS='|'
         echo "|$*|"
     else
-        printf '%-30s %11s %11s %10s %13s %13s  %s\n' "$@"
+        printf '%-34s %11s %11s %10s %13s %13s  %s\n' "$@"
     fi
 }
 

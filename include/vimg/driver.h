@@ -81,6 +81,8 @@ struct vimg_limits {
     uint64_t cluster_size;
     uint64_t zero_granularity;
     uint32_t mem_align;       /* buffer alignment for O_DIRECT */
+    bool needs_compressed_writes; /* every write must go through write_compressed
+                                     (vmdk streamOptimized) */
 };
 
 /* ---- typed create options ------------------------------------------------
@@ -182,7 +184,12 @@ struct vimg_driver {
      * writers cannot corrupt metadata, so the file is not locked against
      * them unless the caller asks (VIMG_OPEN_NO_SHARE). */
     bool data_only;
-    /* Snapshot and amend ops come here (append only). */
+    /* Write one whole cluster (or the short last one) compressed, for
+     * convert -c: offset is cluster-aligned, len == cluster size except at
+     * the end of the image.  NULL: the format cannot compress. */
+    int (*write_compressed)(struct vimg_image *img, const void *buf, size_t len,
+                            uint64_t offset, struct vimg_error *err);
+    /* New ops come here (append only; never reorder). */
 };
 
 #ifdef __cplusplus
