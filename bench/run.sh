@@ -197,7 +197,13 @@ fi
 
 mkdir -p "$BASE"
 SCRATCH=$(mktemp -d "$BASE/run.XXXXXX")
-cleanup() { rm -rf "$SCRATCH"; }
+CHILD=""
+cleanup() {
+    # timeout(1) leads its own process group: end it and the tool under it
+    [[ -z $CHILD ]] || kill -TERM -- "-$CHILD" 2>/dev/null || true
+    [[ -z $CHILD ]] || wait "$CHILD" 2>/dev/null || true
+    rm -rf "$SCRATCH"
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -216,8 +222,12 @@ run_once() {
     [[ -n $GNU_TIME ]] && wrap+=("$GNU_TIME" -f %M -o "$W/rss.$label")
     t0=$(now_us)
     set +e
-    "${wrap[@]}" "$bin" "$@" >"$W/stdout.$label" 2>"$W/stderr.$label"
+    # in the background so that a signal to this script is handled at once
+    "${wrap[@]}" "$bin" "$@" <&- >"$W/stdout.$label" 2>"$W/stderr.$label" &
+    CHILD=$!
+    wait "$CHILD"
     RUN_RC=$?
+    CHILD=""
     set -e
     t1=$(now_us)
     RUN_US=$((t1 - t0))
@@ -319,7 +329,7 @@ for row in "${WORKLOADS[@]}"; do
             if ((RUN_RC == 124)); then
                 fail="$tool timed out after ${TIMEOUT}s"
             elif [[ $check == compare:* ]] && ((RUN_RC != 0)); then
-                fail="$tool exit $RUN_RC: $(head -n1 "$W/stderr.$tool" | cut -c1-200)"
+                fail="$tool exit $RUN_RC: $(head -n1 "$W/stderr.$tool" | cut -c1-200 || true)"
             fi
             [[ -z $fail ]] || break 2
             # keep the outputs only from the last round, for the check
@@ -343,9 +353,9 @@ for row in "${WORKLOADS[@]}"; do
             ;;
         stdout)
             if [[ ${rc[qemu-img]} != "${rc[vimg]}" ]]; then
-                fail="exit status ${rc[qemu-img]} vs ${rc[vimg]}: $(head -n1 "$W/stderr.vimg" | cut -c1-200)"
+                fail="exit status ${rc[qemu-img]} vs ${rc[vimg]}: $(head -n1 "$W/stderr.vimg" | cut -c1-200 || true)"
             elif ! cmp -s "$W/stdout.qemu-img" "$W/stdout.vimg"; then
-                fail="stdout differs: $(diff "$W/stdout.qemu-img" "$W/stdout.vimg" | head -n3 | tr '\n' ' ' | cut -c1-200)"
+                fail="stdout differs: $(diff "$W/stdout.qemu-img" "$W/stdout.vimg" | sed -n '2,4p' | tr '\n' ' ' | cut -c1-200 || true)"
             else
                 status="same output (exit ${rc[vimg]})"
             fi

@@ -219,6 +219,77 @@ static int open_host_file(struct vimg_file **file, const char *filename, unsigne
     return ret;
 }
 
+/* True when path (relative to the folder) climbs out of it through "..". */
+static bool climbs_out(const char *path)
+{
+    int depth = 0;
+    const char *p = path;
+    while (*p) {
+        size_t n = strcspn(p, "/");
+        if (2 == n && 0 == strncmp(p, "..", 2)) {
+            if (--depth < 0) {
+                return true;
+            }
+        } else if (n && !(1 == n && '.' == *p)) {
+            depth++;
+        }
+        p += n;
+        while ('/' == *p) {
+            p++;
+        }
+    }
+    return false;
+}
+
+char *vimg_internal_resolve_child(struct vimg_image *img, const char *name,
+                                  const char *what, struct vimg_error *err)
+{
+    if (!name[0]) {
+        vimg_error_set(err, EINVAL, "'%s': empty %s name", img->filename, what);
+        return NULL;
+    }
+    if (has_protocol_prefix(name)) {
+        vimg_error_set(err, EPERM, "'%s': %s name '%s' uses a protocol prefix, which vimg "
+                       "does not follow", img->filename, what, name);
+        return NULL;
+    }
+    if (!(img->flags & VIMG_OPEN_ALLOW_OUTSIDE) && ('/' == name[0] || climbs_out(name))) {
+        vimg_error_set(err, EPERM, "'%s': %s '%s' lies outside the image's folder "
+                       "(refused unless explicitly allowed)", img->filename, what, name);
+        return NULL;
+    }
+    char *path = resolve_relative(img->filename, name);
+    if (!path) {
+        vimg_error_set(err, ENOMEM, "out of memory");
+    }
+    return path;
+}
+
+int vimg_internal_open_child(struct vimg_image *img, const char *name, const char *what,
+                             struct vimg_file **out, struct vimg_error *err)
+{
+    char *path = vimg_internal_resolve_child(img, name, what, err);
+    int ret;
+    if (!path) {
+        return -err->code;
+    }
+    ret = open_host_file(out, path, img->flags, err);
+    if (0 == ret) {
+        unsigned held = (img->flags & VIMG_OPEN_NO_IO) ? 0 : VIMG_PERM_CONSISTENT_READ;
+        unsigned unshared = (img->flags & VIMG_OPEN_FORCE_SHARE) ? 0 : VIMG_PERM_RESIZE;
+        if (img->flags & VIMG_OPEN_RDWR) {
+            held |= VIMG_PERM_WRITE | VIMG_PERM_RESIZE;
+        }
+        ret = vimg_internal_lock_file(*out, held, unshared, err);
+        if (ret < 0) {
+            vimg_file_close(*out);
+            *out = NULL;
+        }
+    }
+    free(path);
+    return ret;
+}
+
 struct chain_id {
     dev_t dev;
     ino_t ino;

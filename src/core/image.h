@@ -41,6 +41,21 @@ int vimg_internal_open_file(struct vimg_image **out, struct vimg_file *file,
                             const char *format, unsigned flags,
                             struct vimg_error *err);
 
+/*
+ * Open a file that an image names (a vmdk extent, a qcow2 external data
+ * file), read-write when the image is.  The safety policy lives here, in one
+ * place: the name resolves against the folder of the image that names it;
+ * protocol prefixes ("json:", "nbd:" ...) are refused; a name that resolves
+ * outside that folder (absolute, or through "..") is refused unless the user
+ * opened the image with VIMG_OPEN_ALLOW_OUTSIDE.  what ("extent", "data
+ * file") goes into the messages.  The file is locked like the image's own.
+ */
+int vimg_internal_open_child(struct vimg_image *img, const char *name, const char *what,
+                             struct vimg_file **out, struct vimg_error *err);
+/* The same resolution without opening: a malloc'ed path, or NULL with err. */
+char *vimg_internal_resolve_child(struct vimg_image *img, const char *name,
+                                  const char *what, struct vimg_error *err);
+
 /* Take qemu-compatible image locks on f, with qemu's message on conflict. */
 int vimg_internal_lock_file(struct vimg_file *f, unsigned held, unsigned unshared,
                             struct vimg_error *err);
