@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # vimg vs qemu-img, side by side, on the same freshly made workloads.
 #
-# usage: bench/run.sh PATH_TO_VIMG [-k PATTERN] [-n REPEATS] [-m]
+# usage: bench/run.sh PATH_TO_VIMG [-k PATTERN] [-n REPEATS] [-w WARMUPS] [-m] [-l]
 #   -k PATTERN  only workloads whose name matches PATTERN (bash ERE; a plain
 #               word works as a substring, e.g. -k dense, -k 'map|measure')
 #   -n REPEATS  timed runs per tool and workload (default 3; the median is shown)
+#   -w WARMUPS  untimed runs per tool before those (default 1)
 #   -m          print the result table as Markdown (for docs/performance.md)
 #   -l          list the workloads and exit
 #
@@ -18,8 +19,8 @@
 #                           i.e. the input is in the page cache for both tools.
 #
 # Method: each workload's input is made fresh in its own scratch directory,
-# then the tools run alternately (qemu-img,vimg / vimg,qemu-img / ...) so
-# neither always goes first.  Before every timed run the previous output is
+# each tool runs once untimed (warm-up), then the tools run alternately
+# (qemu-img,vimg / vimg,qemu-img / ...) so neither always goes first.  Before every timed run the previous output is
 # removed and `sync` is run, so both tools start from the same page cache
 # state.  Wall time is taken with bash's $EPOCHREALTIME around the run (it
 # includes a ~1-2 ms fork/exec cost of the timeout and time wrappers, shown
@@ -139,17 +140,18 @@ mk_mixed() {
 
 # ---------------------------------------------------------------------------
 usage() {
-    sed -n '2,9s/^# \{0,1\}//p' "$0" >&2
+    sed -n '2,10s/^# \{0,1\}//p' "$0" >&2
     exit 2
 }
 
 die() { echo "bench: $*" >&2; exit 2; }
 
-VIMG="" PATTERN="" REPEATS=3 MARKDOWN=0 LIST=0
+VIMG="" PATTERN="" REPEATS=3 WARMUPS=1 MARKDOWN=0 LIST=0
 while (($#)); do
     case $1 in
     -k) (($# >= 2)) || usage; PATTERN=$2; shift 2 ;;
     -n) (($# >= 2)) || usage; REPEATS=$2; shift 2 ;;
+    -w) (($# >= 2)) || usage; WARMUPS=$2; shift 2 ;;
     -m) MARKDOWN=1; shift ;;
     -l) LIST=1; shift ;;
     -h|--help) usage ;;
@@ -170,6 +172,7 @@ fi
 
 [[ -n $VIMG ]] || usage
 [[ $REPEATS =~ ^[1-9][0-9]*$ ]] || die "-n wants a positive integer, not '$REPEATS'"
+[[ $WARMUPS =~ ^[0-9]+$ ]] || die "-w wants a number, not '$WARMUPS'"
 [[ -x $VIMG ]] || die "$VIMG: not an executable"
 case $VIMG in /*) ;; *) VIMG=$PWD/$VIMG ;; esac
 QEMU_IMG=${QEMU_IMG:-/usr/bin/qemu-img}
@@ -262,7 +265,7 @@ for _ in 1 2 3 4 5; do run_once harness true; h+=("$RUN_US"); done
 HARNESS_US=$(median_us "${h[@]}")
 
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, scratch $BASE" \
-     "($(findmnt -n -o FSTYPE -T "$BASE" 2>/dev/null || stat -f -c %T "$BASE")), median of $REPEATS, $( ((DROP)) && echo cold || echo warm) cache," \
+     "($(findmnt -n -o FSTYPE -T "$BASE" 2>/dev/null || stat -f -c %T "$BASE")), median of $REPEATS after $WARMUPS warm-up, $( ((DROP)) && echo cold || echo warm) cache," \
      "harness $(secs "$HARNESS_US") s/run"
 echo "# qemu-img: $("$QEMU_IMG" --version | head -n1)"
 echo "# vimg:     $VIMG ($("$VIMG" --version | head -n1))"
@@ -304,9 +307,11 @@ for row in "${WORKLOADS[@]}"; do
 
     declare -A times=() rss=() rc=()
     status="" fail=""
-    for ((r = 0; r < REPEATS; r++)); do
+    # rounds -WARMUPS..-1 are untimed warm-ups; the order alternates so
+    # that round 0 starts with qemu-img and neither tool always goes first
+    for ((r = -WARMUPS; r < REPEATS; r++)); do
         order=(0 1)
-        ((r % 2 == 0)) || order=(1 0)
+        (((r + 2 * WARMUPS) % 2 == 0)) || order=(1 0)
         for t in "${order[@]}"; do
             tool=${TOOLS[t]}
             out=$W/out.$tool
@@ -320,7 +325,7 @@ for row in "${WORKLOADS[@]}"; do
                 argv[i]=${a//@OUT@/$out}
             done
             run_once "$tool" "${BINS[t]}" "${argv[@]}"
-            times[$tool]+=" $RUN_US"
+            ((r < 0)) || times[$tool]+=" $RUN_US"
             rc[$tool]=$RUN_RC
             if [[ $RUN_RSS != - ]] &&
                 [[ ${rss[$tool]:--} == - || $RUN_RSS -gt ${rss[$tool]} ]]; then
@@ -375,6 +380,8 @@ for row in "${WORKLOADS[@]}"; do
         ratio=$(awk -v q="$mq" -v v="$mvi" 'BEGIN { if (v > 0) printf "%.2f", q / v; else print "-" }')
         ROWS+=("$name|$(secs "$mq")|$(secs "$mvi")|$ratio|$(mib "${rss[qemu-img]}")|$(mib "${rss[vimg]}")|$status")
     fi
+    runs() { local u out=""; for u in "$@"; do out+=" $(secs "$u")"; done; echo "${out# }"; }
+    echo "bench: $name: runs qemu-img [$(runs "${tq[@]}")] vimg [$(runs "${tv[@]}")] s" >&2
     echo "bench: $name: done (${ROWS[-1]})" >&2
     unset times rss rc
     rm -rf "$W"

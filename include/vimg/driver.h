@@ -148,7 +148,39 @@ struct vimg_driver {
     /* Produce the bytes of a COMPRESSED run. */
     int (*read_special)(struct vimg_image *img, void *buf, size_t len,
                         uint64_t offset, struct vimg_error *err);
-    /* Return a host location for new data at offset (append-mode writers). */
+    /*
+     * Append-mode writer for convert into a fresh target (optional).  The
+     * copy engine asks where the bytes [offset, offset+len) go and writes
+     * them there itself, asynchronously, straight into the host file.
+     * Contract:
+     *  - called only on an image this convert just created (every cluster
+     *    unallocated), opened RDWR, from one thread;
+     *  - calls come in strictly increasing guest order and never overlap
+     *    an earlier call: no guest byte is allocated twice.  offset and len
+     *    are multiples of 512 except at the end of the image; they need not
+     *    be cluster-aligned (a write may start or end inside a cluster);
+     *  - the driver fills run with HOST_VALID, run->host (a file the image
+     *    holds open) and run->host_off where guest byte offset goes, and
+     *    run->length (0 < length <= len) for which the mapping is
+     *    contiguous; the engine calls again for the rest;
+     *  - when offset falls inside a cluster allocated by an earlier call,
+     *    the driver answers with that cluster's space; a new cluster is
+     *    placed at the driver's append point (fresh space past everything
+     *    else), so host bytes of the cluster that the engine never writes
+     *    read as zeros;
+     *  - the driver records the mapping in memory only; it writes its
+     *    metadata (L2 / grain tables, refcounts, L1, header, markers) when
+     *    flush or close is called, in an order that leaves a valid image at
+     *    every step.  The engine calls flush after all its data writes have
+     *    completed, and never calls write or write_zeroes for a range it
+     *    got from alloc_data;
+     *  - zero runs are not passed here: on a fresh target they stay
+     *    unallocated (the engine only writes zeros through write_zeroes
+     *    when has_zero_init is false, which a driver with alloc_data should
+     *    not report).
+     * Returns 0 or a negative errno with err set (e.g. -EFBIG when the
+     * host file would pass the format's limit).
+     */
     int (*alloc_data)(struct vimg_image *img, uint64_t offset, uint64_t len,
                       struct vimg_run *run, struct vimg_error *err);
 
@@ -189,6 +221,35 @@ struct vimg_driver {
      * the end of the image.  NULL: the format cannot compress. */
     int (*write_compressed)(struct vimg_image *img, const void *buf, size_t len,
                             uint64_t offset, struct vimg_error *err);
+    /* Top-level ImageInfo facts (qcow2): *dirty (dirty-flag), *encrypted,
+     * and *snapshots, a list of qemu SnapshotInfo dicts or NULL when the
+     * image has none.  NULL op: not dirty, not encrypted, no snapshots. */
+    int (*image_info)(struct vimg_image *img, bool *dirty, bool *encrypted,
+                      struct vimg_qobj **snapshots, struct vimg_error *err);
+    /*
+     * Parallel compression for convert -c (optional: with write_compressed
+     * alone the engine compresses serially).  compress_cluster compresses
+     * one cluster (len bytes, as write_compressed would receive) into out
+     * (out_cap bytes) and returns the compressed length, -ENOSPC when the
+     * result would not be smaller than the format accepts (the engine then
+     * writes the cluster with the normal write op, as qemu does), or another
+     * negative errno with err set.  It must be thread-safe: worker threads
+     * call it at the same time for one image, so it may only read state
+     * fixed at open (the compression type) and must not do I/O.
+     * write_compressed_data then stores one cluster's compressed bytes
+     * (cdata, clen) for guest offset (cluster-aligned; len is the
+     * uncompressed length, the cluster size except at the end), called
+     * from one thread in increasing guest order.  A driver provides both or
+     * neither.
+     */
+    long (*compress_cluster)(struct vimg_image *img, void *out, size_t out_cap,
+                             const void *buf, size_t len, struct vimg_error *err);
+    int (*write_compressed_data)(struct vimg_image *img, const void *cdata, size_t clen,
+                                 size_t len, uint64_t offset, struct vimg_error *err);
+    /* Bytes the image occupies on the host when that is more than its own
+     * file (vmdk: the descriptor plus every extent file); NULL: the
+     * image's file alone.  Returns bytes or a negative errno. */
+    int64_t (*allocated_size)(struct vimg_image *img);
     /* New ops come here (append only; never reorder). */
 };
 

@@ -1,5 +1,6 @@
 #include "config.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
@@ -154,7 +155,17 @@ int cmd_check(int argc, char **argv)
     struct vimg_check_result r = { 0 };
     struct vimg_error err = { 0 };
     int ret = img->drv->check(img, &r, fix, &err);
+    if (-ENOTSUP == ret) {
+        /* qemu: a driver that cannot repair answers like one without check */
+        cli_report("This image format does not support checks");
+        vimg_close(img);
+        return 63;
+    }
     if (ret < 0) {
+        /* a driver's own diagnostic line, printed as qemu's driver does */
+        if (0 == strncmp(err.msg, "ERROR: ", 7)) {
+            fprintf(stderr, "%s\n", err.msg);
+        }
         cli_report("Check failed: %s", strerror(-ret));
         vimg_close(img);
         return 1;

@@ -1,19 +1,332 @@
 #include "config.h"
 
 #include <inttypes.h>
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
 #include "cli/options.h"
 #include "core/copy.h"
 #include "core/image.h"
 #include "core/opts.h"
+#include "io/file.h"
 
 static void convert_progress(void *opaque, float pct)
 {
     cli_progress_print(opaque, pct, 0);
+}
+
+/*
+ * Nothing lost: a new single-file target is created under a temporary name
+ * in the target's folder and renamed over the final name only after its
+ * data and metadata are flushed, so an error, SIGINT or SIGTERM leaves a
+ * file of the final name as it was.  The signal handler removes the
+ * temporary itself (unlink is async-signal-safe) and dies by the signal.
+ * Multi-file targets (vmdk with extent files named after the target) cannot
+ * be renamed as one: they are created under the final name, only when no
+ * file of that name exists, and everything created is removed on failure;
+ * a signal then stops the copy through the cancel flag.
+ */
+static char convert_tmp_path[PATH_MAX];
+static volatile sig_atomic_t convert_tmp_armed;
+static volatile sig_atomic_t convert_cancel;
+static volatile sig_atomic_t convert_soft_signals;
+
+static void convert_on_signal(int sig)
+{
+    if (convert_tmp_armed) {
+        unlink(convert_tmp_path);
+        convert_tmp_armed = 0;
+    }
+    if (convert_soft_signals && !convert_cancel) {
+        convert_cancel = 1;
+        return;
+    }
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void convert_signals(bool install)
+{
+    struct sigaction sa = { .sa_handler = install ? convert_on_signal : SIG_DFL };
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+}
+
+static void convert_block_signals(bool block)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGHUP);
+    sigprocmask(block ? SIG_BLOCK : SIG_UNBLOCK, &set, NULL);
+}
+
+/* vmdk subformats whose extents are separate files named after the target. */
+static bool convert_multi_file(const char *fmt, const struct vimg_opts *opts)
+{
+    const char *sub = opts ? vimg_opts_get(opts, "subformat") : NULL;
+    return fmt && 0 == strcmp(fmt, "vmdk") && sub &&
+           (0 == strcmp(sub, "monolithicFlat") || 0 == strcmp(sub, "twoGbMaxExtentSparse") ||
+            0 == strcmp(sub, "twoGbMaxExtentFlat") || 0 == strcmp(sub, "vmfs") ||
+            0 == strcmp(sub, "vmfsSparse"));
+}
+
+struct convert_target {
+    const char *name;       /* as given */
+    char *final;            /* where the result must end up */
+    char *tmp;              /* temporary name, or NULL: written in place */
+    char *dir;              /* folder, for multi-file cleanup */
+    char **before;          /* folder entries before create (multi-file) */
+    size_t nbefore;
+    bool multi;
+    mode_t mode;
+};
+
+static char *convert_dirname(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash) {
+        return strdup(".");
+    }
+    if (slash == path) {
+        return strdup("/");
+    }
+    return strndup(path, (size_t)(slash - path));
+}
+
+static int convert_list_dir(const char *dir, char ***names, size_t *n)
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    *names = NULL;
+    *n = 0;
+    if (!d) {
+        return -errno;
+    }
+    while ((e = readdir(d))) {
+        char **p = realloc(*names, (*n + 1) * sizeof(**names));
+        if (!p) {
+            break;
+        }
+        *names = p;
+        if (!(p[*n] = strdup(e->d_name))) {
+            break;
+        }
+        (*n)++;
+    }
+    closedir(d);
+    return 0;
+}
+
+static void convert_free_list(char **names, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(names[i]);
+    }
+    free(names);
+}
+
+/* Decide where the target is created.  Returns the name to create. */
+static const char *convert_target_prepare(struct convert_target *t, const char *name,
+                                          const char *fmt, const struct vimg_opts *opts)
+{
+    struct stat st;
+    mode_t mask = umask(0);
+    umask(mask);
+
+    memset(t, 0, sizeof(*t));
+    t->name = name;
+    t->mode = 0666 & ~mask;
+    if (convert_multi_file(fmt, opts)) {
+        if (0 == lstat(name, &st)) {
+            return name;    /* an existing target is overwritten in place */
+        }
+        t->multi = true;
+        t->dir = convert_dirname(name);
+        if (t->dir) {
+            convert_list_dir(t->dir, &t->before, &t->nbefore);
+        }
+        return name;
+    }
+    if (0 == stat(name, &st)) {
+        if (!S_ISREG(st.st_mode)) {
+            return name;    /* devices and the like are written in place */
+        }
+        t->mode = st.st_mode & 07777;
+        t->final = realpath(name, NULL);
+    } else {
+        t->final = strdup(name);
+    }
+    if (!t->final) {
+        return name;
+    }
+    char *dir = convert_dirname(t->final);
+    const char *base = strrchr(t->final, '/') ? strrchr(t->final, '/') + 1 : t->final;
+    if (!dir || strlen(dir) + strlen(base) + 32 > sizeof(convert_tmp_path)) {
+        free(dir);
+        free(t->final);
+        t->final = NULL;
+        return name;
+    }
+    snprintf(convert_tmp_path, sizeof(convert_tmp_path), "%s/.%s.vimg-XXXXXX", dir, base);
+    free(dir);
+    convert_block_signals(true);
+    int fd = mkstemp(convert_tmp_path);
+    if (fd < 0) {
+        /* no temporary possible (read-only folder...): qemu's way, in place */
+        convert_block_signals(false);
+        free(t->final);
+        t->final = NULL;
+        return name;
+    }
+    close(fd);
+    t->tmp = strdup(convert_tmp_path);
+    convert_tmp_armed = 1;
+    convert_block_signals(false);
+    if (!t->tmp) {
+        unlink(convert_tmp_path);
+        convert_tmp_armed = 0;
+        free(t->final);
+        t->final = NULL;
+        return name;
+    }
+    return t->tmp;
+}
+
+/* Undo what convert created (after a failure or interruption). */
+static void convert_target_abort(struct convert_target *t)
+{
+    if (t->tmp) {
+        convert_block_signals(true);
+        unlink(t->tmp);
+        convert_tmp_armed = 0;
+        convert_block_signals(false);
+    }
+    if (t->multi && t->dir) {
+        char **after;
+        size_t nafter;
+        const char *base = strrchr(t->name, '/') ? strrchr(t->name, '/') + 1 : t->name;
+        const char *dot = strrchr(base, '.');
+        size_t stem = dot ? (size_t)(dot - base) : strlen(base);
+        if (0 == convert_list_dir(t->dir, &after, &nafter)) {
+            for (size_t i = 0; i < nafter; i++) {
+                bool old = false;
+                for (size_t k = 0; k < t->nbefore && !old; k++) {
+                    old = 0 == strcmp(after[i], t->before[k]);
+                }
+                if (!old && 0 == strncmp(after[i], base, stem)) {
+                    char path[PATH_MAX];
+                    if ((size_t)snprintf(path, sizeof(path), "%s/%s", t->dir, after[i]) <
+                        sizeof(path)) {
+                        unlink(path);
+                    }
+                }
+            }
+            convert_free_list(after, nafter);
+        }
+    }
+}
+
+/* Move the flushed temporary into place. */
+static int convert_target_commit(struct convert_target *t)
+{
+    int ret = 0;
+    if (!t->tmp) {
+        return 0;
+    }
+    chmod(t->tmp, t->mode);
+    convert_block_signals(true);
+    if (rename(t->tmp, t->final) < 0) {
+        ret = -errno;
+        unlink(t->tmp);
+    }
+    convert_tmp_armed = 0;
+    convert_block_signals(false);
+    if (0 == ret) {
+        /* make the rename itself durable */
+        char *dir = convert_dirname(t->final);
+        int fd = dir ? open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+        if (fd >= 0) {
+            fsync(fd);
+            close(fd);
+        }
+        free(dir);
+    } else {
+        cli_report("Could not move the new image into place as '%s': %s", t->final,
+                   strerror(-ret));
+    }
+    return ret;
+}
+
+static void convert_target_free(struct convert_target *t)
+{
+    free(t->final);
+    free(t->tmp);
+    free(t->dir);
+    convert_free_list(t->before, t->nbefore);
+}
+
+/* qemu opens the target for writing while the sources are open: an existing
+ * file that one of them holds (convert a.img a.img) fails there with the
+ * lock message.  The temporary would not see that conflict, so check it. */
+static int convert_check_target_lock(const char *name, const char *fmt)
+{
+    struct vimg_file *f;
+    struct vimg_error err = { 0 };
+    struct stat st;
+
+    if (stat(name, &st) < 0 || !S_ISREG(st.st_mode) ||
+        vimg_file_open_posix(&f, name, VIMG_FILE_RDWR) < 0) {
+        return 0;
+    }
+    int ret = vimg_internal_lock_file(f, VIMG_PERM_WRITE | VIMG_PERM_RESIZE,
+                                      VIMG_PERM_RESIZE, &err);
+    vimg_file_close(f);
+    if (ret < 0) {
+        char prefix[4200];
+        snprintf(prefix, sizeof(prefix), "%s: error while converting %s: ", name, fmt);
+        cli_report_err_prefix(&err, prefix);
+    }
+    return ret;
+}
+
+/* qemu's -l: "snapshot.id=...,snapshot.name=..." or a plain id or name. */
+static int convert_check_snapshot_param(const char *arg)
+{
+    if (0 != strncmp(arg, "snapshot.", 9)) {
+        return 0;
+    }
+    char *copy = strdup(arg);
+    char *save = NULL;
+    int ret = 0;
+    for (char *kv = copy ? strtok_r(copy, ",", &save) : NULL; kv;
+         kv = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(kv, '=');
+        if (eq) {
+            *eq = 0;
+        }
+        if (0 != strcmp(kv, "snapshot.id") && 0 != strcmp(kv, "snapshot.name")) {
+            cli_report("Invalid parameter '%s'", kv);
+            ret = -1;
+            break;
+        }
+    }
+    free(copy);
+    if (ret < 0) {
+        cli_report("Failed in parsing snapshot param '%s'", arg);
+    }
+    return ret;
 }
 
 int cmd_convert(int argc, char **argv)
@@ -31,12 +344,15 @@ int cmd_convert(int argc, char **argv)
         { NULL, 0, NULL, 0 },
     };
     const char *fmt = NULL, *out_fmt = NULL, *out_base = NULL, *backing_fmt = NULL;
+    const char *cache = "unsafe", *src_cache = "writeback", *snapshot = NULL;
     char *options = NULL;
     bool compress = false, progress = false, quiet = false, skip_create = false;
     bool target_is_zero = false, copy_range = false, explicit_sparse = false;
     bool bitmaps = false, skip_broken = false, target_image_opts = false;
+    bool salvage = false, cache_given = false;
     uint64_t sparse_size = 4096;
     unsigned src_flags = VIMG_OPEN_NO_SHARE;
+    long coroutines = 8;
     int c, ret = 1;
 
     while ((c = getopt_long(argc, argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", long_options,
@@ -69,6 +385,10 @@ int cmd_convert(int argc, char **argv)
             }
             break;
         case 'l':
+            if (convert_check_snapshot_param(optarg) < 0) {
+                goto out;
+            }
+            snapshot = optarg;
             break;
         case 'S': {
             int64_t v = cli_cvtnum("buffer size for sparse output", optarg);
@@ -89,16 +409,11 @@ int cmd_convert(int argc, char **argv)
             progress = true;
             break;
         case 't':
-            if (!cli_cache_mode_valid(optarg)) {
-                cli_report("Invalid cache option: %s", optarg);
-                goto out;
-            }
+            cache = optarg;
+            cache_given = true;
             break;
         case 'T':
-            if (!cli_cache_mode_valid(optarg)) {
-                cli_report("Invalid source cache option: %s", optarg);
-                goto out;
-            }
+            src_cache = optarg;
             break;
         case 'q':
             quiet = true;
@@ -108,8 +423,8 @@ int cmd_convert(int argc, char **argv)
             break;
         case 'm': {
             char *end;
-            long m = strtol(optarg, &end, 10);
-            if (*end || m < 1 || m > 16) {
+            coroutines = strtol(optarg, &end, 10);
+            if (*end || coroutines < 1 || coroutines > 16) {
                 cli_report("Invalid number of coroutines. Allowed number of coroutines is "
                            "between 1 and 16");
                 goto out;
@@ -117,6 +432,8 @@ int cmd_convert(int argc, char **argv)
             break;
         }
         case 'W':
+            /* vimg's writes never depend on order (each range is written
+             * once), so out-of-order writes change nothing visible. */
         case 'r':
             break;
         case 'U':
@@ -124,6 +441,9 @@ int cmd_convert(int argc, char **argv)
             break;
         case 'I' + 256:
             target_image_opts = true;
+            break;
+        case 's' + 256:
+            salvage = true;
             break;
         case 'z' + 256:
             target_is_zero = true;
@@ -149,6 +469,10 @@ int cmd_convert(int argc, char **argv)
     }
     if (copy_range && explicit_sparse) {
         cli_report("Cannot enable copy offloading when -S is used");
+        goto out;
+    }
+    if (copy_range && salvage) {
+        cli_report("Cannot use copy offloading in salvaging mode");
         goto out;
     }
     if (target_image_opts && !skip_create) {
@@ -177,6 +501,16 @@ int cmd_convert(int argc, char **argv)
         cli_report("Must specify image file name");
         goto out;
     }
+    if (!cli_cache_mode_valid(src_cache)) {
+        cli_report("Invalid source cache option: %s", src_cache);
+        goto out;
+    }
+    /* qemu checks -t only after creating the target (and leaves it behind);
+     * vimg checks first and creates nothing */
+    if (!cli_cache_mode_valid(cache)) {
+        cli_report("Invalid cache option: %s", cache);
+        goto out;
+    }
     if (quiet) {
         progress = false;
     }
@@ -186,6 +520,10 @@ int cmd_convert(int argc, char **argv)
 
     struct vimg_image **srcs = calloc((size_t)nsrc, sizeof(*srcs));
     struct vimg_image *dst = NULL;
+    struct vimg_opts *opts = NULL;
+    struct convert_target target = { 0 };
+    const char *create_name = out_filename;
+    bool created = false;
     uint64_t total = 0;
     if (!srcs) {
         goto out_prog;
@@ -196,6 +534,17 @@ int cmd_convert(int argc, char **argv)
             goto out_close;
         }
         total += vimg_size(srcs[i]);
+    }
+    if (snapshot) {
+        /* no vimg driver can load an internal snapshot temporarily yet */
+        if (nsrc > 1 && 0 != strncmp(snapshot, "snapshot.", 9)) {
+            cli_report("No support for concatenating multiple snapshot");
+        } else {
+            cli_report("Failed to load snapshot: Block format '%s' used by device '' does "
+                       "not support temporarily loading internal snapshots",
+                       vimg_format(srcs[0]));
+        }
+        goto out_close;
     }
     if (!skip_create) {
         const struct vimg_driver *drv = vimg_internal_find_driver(out_fmt);
@@ -208,17 +557,15 @@ int cmd_convert(int argc, char **argv)
             cli_report("Format driver '%s' does not support image creation", out_fmt);
             goto out_close;
         }
-        struct vimg_opts *opts = vimg_opts_new();
+        opts = vimg_opts_new();
         if (!opts || (options && vimg_opts_parse(opts, options, &err) < 0) ||
             vimg_internal_opts_validate(opts, vimg_internal_create_opts(drv), &err) < 0) {
             cli_report_err(&err);
-            vimg_opts_free(opts);
             goto out_close;
         }
         if ((out_base || backing_fmt) &&
             !vimg_internal_opt_find(vimg_internal_create_opts(drv), "backing_file")) {
             cli_report("Backing file not supported for file format '%s'", out_fmt);
-            vimg_opts_free(opts);
             goto out_close;
         }
         char sz[32];
@@ -226,31 +573,73 @@ int cmd_convert(int argc, char **argv)
         vimg_opts_set(opts, "size", sz);
         if (out_base) {
             vimg_opts_set(opts, "backing_file", out_base);
-            vimg_opts_set(opts, "backing_fmt", backing_fmt);
+            if (backing_fmt) {
+                vimg_opts_set(opts, "backing_fmt", backing_fmt);
+            }
         }
-        if ((out_base && !backing_fmt) ||
-            (vimg_opts_get(opts, "backing_file") && !vimg_opts_get(opts, "backing_fmt"))) {
-            cli_report("Use of backing file requires explicit backing format");
-            vimg_opts_free(opts);
-            goto out_close;
+        if (vimg_opts_get(opts, "backing_file")) {
+            out_base = vimg_opts_get(opts, "backing_file");
         }
-        if (compress) {
+    }
+    if (target_is_zero && out_base) {
+        /* qemu 7.2 prints this and exits 0; vimg reports the failure */
+        cli_report("Cannot use --target-is-zero when the destination image has a backing "
+                   "file");
+        goto out_close;
+    }
+    if (nsrc > 1 && out_base) {
+        cli_report("Having a backing file for the target makes no sense when concatenating "
+                   "multiple input images");
+        goto out_close;
+    }
+    if (opts && vimg_opts_get(opts, "backing_file") && !vimg_opts_get(opts, "backing_fmt")) {
+        cli_report("Use of backing file requires explicit backing format");
+        goto out_close;
+    }
+    if (compress && !skip_create) {
+        const struct vimg_driver *drv = vimg_internal_find_driver(out_fmt);
+        const char *prealloc = vimg_opts_get(opts, "preallocation");
+        if (!drv->write_compressed) {
             cli_report("Compression not supported for this file format");
-            vimg_opts_free(opts);
             goto out_close;
         }
-        if (vimg_create(out_filename, out_fmt, opts, &err) < 0) {
+        if (vimg_opts_get(opts, "encryption") || vimg_opts_get(opts, "encrypt.format")) {
+            cli_report("Compression and encryption not supported at the same time");
+            goto out_close;
+        }
+        if (prealloc && 0 != strcmp(prealloc, "off")) {
+            cli_report("Compression and preallocation not supported at the same time");
+            goto out_close;
+        }
+    }
+    if (bitmaps) {
+        if (nsrc > 1) {
+            cli_report("Copying bitmaps only possible with single source");
+            goto out_close;
+        }
+        if (srcs[0]->drv->data_only) {
+            cli_report("Source lacks bitmap support");
+            goto out_close;
+        }
+    }
+    if (!skip_create) {
+        struct vimg_error err = { 0 };
+        if (convert_check_target_lock(out_filename, out_fmt) < 0) {
+            goto out_close;
+        }
+        convert_soft_signals = convert_multi_file(out_fmt, opts);
+        convert_signals(true);
+        create_name = convert_target_prepare(&target, out_filename, out_fmt, opts);
+        created = true;
+        if (vimg_create(create_name, out_fmt, opts, &err) < 0) {
             char prefix[4200];
             snprintf(prefix, sizeof(prefix), "%s: error while converting %s: ", out_filename,
                      out_fmt);
             cli_report_err_prefix(&err, prefix);
-            vimg_opts_free(opts);
             goto out_close;
         }
-        vimg_opts_free(opts);
     }
-    dst = cli_open(out_filename, skip_create ? out_fmt : out_fmt,
-                   VIMG_OPEN_RDWR | VIMG_OPEN_NO_BACKING, quiet);
+    dst = cli_open(create_name, out_fmt, VIMG_OPEN_RDWR | VIMG_OPEN_NO_BACKING, quiet);
     if (!dst) {
         goto out_close;
     }
@@ -258,27 +647,58 @@ int cmd_convert(int argc, char **argv)
         cli_report("output file is smaller than input file");
         goto out_close;
     }
-    if (compress) {
+    if (bitmaps) {
+        cli_report("Format driver '%s' does not support bitmaps", vimg_format(dst));
+        goto out_close;
+    }
+    if (compress && !dst->drv->write_compressed) {
         cli_report("Compression not supported for this file format");
         goto out_close;
     }
+    bool zero_init = target_is_zero ||
+        (!skip_create && sparse_size && !out_base && dst->drv->has_zero_init &&
+         dst->drv->has_zero_init(dst));
     struct vimg_copy_opts copts = {
-        .sparse_size = sparse_size,
-        .target_has_zero_init = target_is_zero ||
-            (!skip_create && sparse_size && dst->drv->has_zero_init &&
-             dst->drv->has_zero_init(dst)),
+        .sparse_size = copy_range ? 4096 : sparse_size,
+        .target_has_zero_init = zero_init,
         .progress = convert_progress,
         .progress_opaque = &prog,
+        .top_only = out_base != NULL,
+        .copy_range = copy_range,
+        .fresh_target = !skip_create,
+        .compress = compress,
+        .src_direct = 0 == strcmp(src_cache, "none") || 0 == strcmp(src_cache, "off") ||
+                      0 == strcmp(src_cache, "directsync"),
+        .dst_direct = 0 == strcmp(cache, "none") || 0 == strcmp(cache, "off") ||
+                      0 == strcmp(cache, "directsync"),
+        /* qemu never flushes an "unsafe" target; vimg flushes a new target
+         * before it renames it into place unless -t unsafe is asked for */
+        .no_flush = cache_given && 0 == strcmp(cache, "unsafe"),
+        .queue_depth = 2 * (unsigned)coroutines,
+        .cancel = &convert_cancel,
     };
     struct vimg_error err = { 0 };
     if (vimg_copy(srcs, nsrc, dst, &copts, &err) < 0) {
         cli_report_err(&err);
         goto out_close;
     }
+    vimg_close(dst);
+    dst = NULL;
+    if (created && convert_target_commit(&target) < 0) {
+        created = false;
+        goto out_close;
+    }
+    created = false;
     cli_progress_print(&prog, 100, 0);
     ret = 0;
 out_close:
     vimg_close(dst);
+    if (created) {
+        convert_target_abort(&target);
+    }
+    convert_target_free(&target);
+    convert_signals(false);
+    vimg_opts_free(opts);
     for (int i = 0; srcs && i < nsrc; i++) {
         vimg_close(srcs[i]);
     }

@@ -132,6 +132,62 @@ int cmd_create(int argc, char **argv)
     return ret;
 }
 
+/* qemu's bdrv_img_create: a backing file must open (its size is the
+ * default size) and must come with its format. */
+static int cli_create_check_backing(const char *filename, struct vimg_opts *opts,
+                                    struct vimg_error *err)
+{
+    const char *backing = vimg_opts_get(opts, "backing_file");
+    const char *bfmt = vimg_opts_get(opts, "backing_fmt");
+    const char *slash = strrchr(filename, '/');
+    struct vimg_image *b;
+    char *full = NULL;
+    char prefix[4200];
+    int ret;
+
+    if (!backing) {
+        return 0;
+    }
+    if (0 == strcmp(filename, backing)) {
+        vimg_error_set(err, EINVAL, "Error: Trying to create an image with the same "
+                       "filename as the backing file");
+        return -EINVAL;
+    }
+    if (!backing[0]) {
+        vimg_error_set(err, EINVAL, "Expected backing file name, got empty string");
+        return -EINVAL;
+    }
+    if ('/' != backing[0] && slash &&
+        asprintf(&full, "%.*s%s", (int)(slash - filename) + 1, filename, backing) < 0) {
+        vimg_error_set(err, ENOMEM, "out of memory");
+        return -ENOMEM;
+    }
+    ret = vimg_open(&b, full ? full : backing, bfmt, VIMG_OPEN_NO_IO | VIMG_OPEN_FORCE_SHARE,
+                    NULL, err);
+    free(full);
+    if (ret < 0) {
+        vimg_error_prefix(err, "%s", "");
+        snprintf(prefix, sizeof(prefix), "%s\nCould not open backing image.", err->msg);
+        vimg_error_clear(err);
+        vimg_error_set(err, -ret, "%s", prefix);
+        return ret;
+    }
+    if (!bfmt) {
+        snprintf(prefix, sizeof(prefix), "%s: %s: Backing file specified without backing "
+                 "format\nDetected format of %s.", cli_progname, filename, vimg_format(b));
+        vimg_close(b);
+        vimg_error_set(err, ECANCELED, "%s", prefix);
+        return -ECANCELED;
+    }
+    if (!vimg_opts_get(opts, "size")) {
+        char buf[32];
+        snprintf(buf, sizeof(buf), "%" PRIu64, vimg_size(b));
+        vimg_opts_set(opts, "size", buf);
+    }
+    vimg_close(b);
+    return 0;
+}
+
 int cli_create_image(const char *filename, const char *fmt, const char *options,
                      int64_t size, const char *base, const char *base_fmt, bool quiet)
 {
@@ -188,6 +244,15 @@ int cli_create_image(const char *filename, const char *fmt, const char *options,
             goto fail;
         }
         vimg_opts_set(opts, "backing_fmt", base_fmt);
+    }
+    if (cli_create_check_backing(filename, opts, &err) < 0) {
+        if (ECANCELED == err.code) {
+            /* qemu prints this hint without a final newline */
+            fprintf(stderr, "%s", err.msg);
+            vimg_opts_free(opts);
+            return 1;
+        }
+        goto fail;
     }
     if (!vimg_opts_get(opts, "size")) {
         vimg_error_set(&err, EINVAL, "Image creation needs a size parameter");

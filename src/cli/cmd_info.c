@@ -3,6 +3,7 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cli/cli.h"
 #include "core/info.h"
@@ -43,6 +44,30 @@ static void info_dump_human(const struct vimg_qobj *d)
         printf("\n");
         if ((o = vimg_q_get(d, "backing-filename-format"))) {
             printf("backing file format: %s\n", vimg_q_get_str(o));
+        }
+    }
+    if ((o = vimg_q_get(d, "snapshots")) && vimg_q_count(o)) {
+        printf("Snapshot list:\n%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE",
+               "VM CLOCK", "ICOUNT");
+        for (size_t i = 0; i < vimg_q_count(o); i++) {
+            struct vimg_qobj *sn = vimg_q_index(o, i);
+            struct vimg_qobj *ic = vimg_q_get(sn, "icount");
+            char size[64], date[64], clock[64], icount[32] = "";
+            time_t t = (time_t)vimg_q_get_int(vimg_q_get(sn, "date-sec"));
+            struct tm tm;
+            int64_t secs = vimg_q_get_int(vimg_q_get(sn, "vm-clock-sec"));
+            int64_t nsec = vimg_q_get_int(vimg_q_get(sn, "vm-clock-nsec"));
+            localtime_r(&t, &tm);
+            strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+            snprintf(clock, sizeof(clock), "%02d:%02d:%02d.%03d", (int)(secs / 3600),
+                     (int)((secs / 60) % 60), (int)(secs % 60), (int)((nsec / 1000000) % 1000));
+            if (ic) {
+                snprintf(icount, sizeof(icount), "%" PRId64, vimg_q_get_int(ic));
+            }
+            vimg_format_size((uint64_t)vimg_q_get_int(vimg_q_get(sn, "vm-state-size")), size,
+                             sizeof(size));
+            printf("%-9s %-16s %8s%20s%13s%11s\n", vimg_q_get_str(vimg_q_get(sn, "id")),
+                   vimg_q_get_str(vimg_q_get(sn, "name")), size, date, clock, icount);
         }
     }
     if ((o = vimg_q_get(d, "format-specific"))) {

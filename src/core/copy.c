@@ -2,10 +2,14 @@
 
 #include <inttypes.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "core/copy.h"
+#include "core/image.h"
+#include "io/aio.h"
 #include "io/file.h"
 #include "util/util.h"
 
@@ -82,46 +86,469 @@ int vimg_internal_zero_split(const uint8_t *buf, int n, int *pnum, int min,
     return 1;
 }
 
-struct copy_state {
-    const struct vimg_copy_opts *o;
-    struct vimg_image *dst;
-    uint64_t allocated_total, allocated_done;
-    uint8_t *buf;
-    uint64_t buf_size;
+/* ---- the engine ------------------------------------------------------------
+ *
+ * One thread runs a loop over a ring of work items in guest order.  The
+ * walker turns block-status runs into items: zero runs, runs left to the
+ * target's backing file, and data chunks of at most buf_size (cut from the
+ * start of each run, as qemu cuts them, so the zero split and the progress
+ * steps come out the same).  Data that lies plainly in a host file is read
+ * from it asynchronously as soon as a buffer is free; everything else
+ * (compressed clusters, drivers with their own read, files that are not
+ * posix files) is read through the image when its item reaches the head.
+ * Items are finished strictly in order at the head of the ring: that keeps
+ * qemu's progress text and lets append-mode writers hand out host space in
+ * guest order, while reads and writes of later items stay in flight.
+ */
+
+#define DEFAULT_DEPTH 16
+#define MAX_DEPTH 256
+#define WREQ_PER_SLOT 4
+#define DIRECT_ALIGN 4096
+#define NDIRECT 8
+
+enum item_kind {
+    ITEM_READ_AIO,      /* plain data at a host offset: async read */
+    ITEM_READ_SYNC,     /* read through the image at the head */
+    ITEM_COPY_RANGE,    /* in-kernel copy to the raw target */
+    ITEM_ZERO_DATA,     /* reads as zeros, handled as data (-S 0, no backing) */
+    ITEM_ZERO,          /* zero run: write zeroes unless the target is zero */
+    ITEM_SKIP,          /* left to the target's backing file */
 };
 
-static void copy_progress(struct copy_state *s, uint64_t n)
+enum dst_mode {
+    DST_SYNC,           /* through the driver (vimg_pwrite) */
+    DST_RAW_AIO,        /* the host file is the disk: async writes to it */
+    DST_ALLOC,          /* append-mode writer: alloc_data + async writes */
+};
+
+struct copy_job;
+
+struct slot {
+    uint8_t *buf;
+    unsigned refs;              /* the item's reference + writes in flight */
+    struct vimg_aio_req req;    /* the read */
+    struct copy_job *job;
+    struct item *item;
+};
+
+struct item {
+    enum item_kind kind;
+    struct vimg_image *src;
+    uint64_t src_off, dst_off, len;
+    struct vimg_file *host;
+    uint64_t host_off;
+    struct slot *slot;
+    bool read_done;
+    int read_ret;
+    bool counts;                /* moves the progress */
+};
+
+struct wreq {
+    struct vimg_aio_req req;
+    struct slot *slot;
+    struct copy_job *job;
+    struct wreq *next_free;
+};
+
+struct direct_fd {
+    struct vimg_file *file;
+    int fd;
+    bool write;
+};
+
+struct copy_job {
+    const struct vimg_copy_opts *o;
+    struct vimg_image *const *srcs;
+    int nsrc;
+    struct vimg_image *dst;
+    enum dst_mode mode;
+    struct vimg_error *err;
+    int ret;                    /* first failure (sticky) */
+
+    uint64_t buf_size;
+    unsigned depth;
+    struct vimg_aio *aio;
+    struct slot *slots;
+    struct slot **free_slots;
+    unsigned nfree_slots;
+    struct wreq *wreqs;
+    struct wreq *free_wreqs;
+    uint8_t *zero_buf;          /* buf_size zeros, for -S 0 */
+
+    struct item *ring;
+    unsigned ring_cap, ring_head, ring_count;
+
+    /* walker */
+    int w_idx;
+    uint64_t w_off, w_run_start, w_run_end, w_dst_base, w_host_off;
+    unsigned w_flags;
+    struct vimg_file *w_host;
+    bool w_done;
+    bool have_next;
+    struct item next;
+
+    bool use_copy_range;
+    struct direct_fd direct[NDIRECT];
+    unsigned ndirect;
+
+    uint64_t allocated_total, allocated_done;
+};
+
+static const char *copy_backend_used = "sync";
+
+const char *vimg_internal_copy_backend(void)
 {
-    s->allocated_done += n;
-    if (s->o->progress) {
-        s->o->progress(s->o->progress_opaque,
-                       (float)(100.0 * (double)s->allocated_done /
-                               (double)s->allocated_total));
+    return copy_backend_used;
+}
+
+static int job_fail(struct copy_job *j, int ret)
+{
+    if (j->ret >= 0) {
+        j->ret = ret;
+    }
+    return ret;
+}
+
+static int job_io_error(struct copy_job *j, int ret, const char *what, uint64_t off)
+{
+    vimg_error_set(j->err, -ret, "error while %s at byte %" PRIu64 ": %s", what, off,
+                   strerror(-ret));
+    return job_fail(j, ret);
+}
+
+static void job_progress(struct copy_job *j, uint64_t n)
+{
+    j->allocated_done += n;
+    if (j->o->progress) {
+        j->o->progress(j->o->progress_opaque,
+                       (float)(100.0 * (double)j->allocated_done /
+                               (double)j->allocated_total));
     }
 }
 
-static int copy_zero(struct copy_state *s, uint64_t dst_off, uint64_t len,
-                     struct vimg_error *err)
+/* Status of one source at off, by the chain (or its top layer with -B),
+ * as VIMG_STATUS_* flags plus the host file of plainly stored data. */
+static int job_status(struct copy_job *j, struct vimg_image *src, uint64_t off,
+                      uint64_t max, unsigned *flags, uint64_t *len,
+                      struct vimg_file **host, uint64_t *host_off)
 {
-    if (s->o->target_has_zero_init) {
+    int ret;
+
+    *host = NULL;
+    *host_off = 0;
+    if (j->o->top_only) {
+        struct vimg_run run;
+        ret = vimg_internal_layer_status(src, off, max, &run, j->err);
+        if (ret < 0) {
+            return job_fail(j, ret);
+        }
+        *flags = 0;
+        if (run.flags & (VIMG_RUN_ALLOCATED | VIMG_RUN_ZERO)) {
+            *flags |= VIMG_STATUS_ALLOCATED;
+        }
+        if (run.flags & VIMG_RUN_DATA) {
+            *flags |= VIMG_STATUS_DATA;
+        }
+        if (run.flags & VIMG_RUN_ZERO) {
+            *flags |= VIMG_STATUS_ZERO;
+        }
+        if (run.flags & VIMG_RUN_COMPRESSED) {
+            *flags |= VIMG_STATUS_COMPRESSED;
+        }
+        if ((run.flags & VIMG_RUN_HOST_VALID) && run.host) {
+            *flags |= VIMG_STATUS_HOST_VALID;
+            *host = run.host;
+            *host_off = run.host_off;
+        }
+        *len = run.length;
         return 0;
     }
-    return vimg_write_zeroes(s->dst, dst_off, len, VIMG_ZERO_MAY_UNMAP, err);
+    struct vimg_status st;
+    ret = vimg_internal_block_status_host(src, off, max, &st, host, j->err);
+    if (ret < 0) {
+        return job_fail(j, ret);
+    }
+    *flags = st.flags;
+    *len = st.length;
+    if (*host) {
+        *host_off = st.host_offset;
+    }
+    return 0;
 }
 
-static int copy_data(struct copy_state *s, struct vimg_image *src, uint64_t off,
-                     uint64_t dst_off, uint64_t len, struct vimg_error *err)
+/* Whether a run of these flags counts in qemu's progress denominator. */
+static bool job_counts(struct copy_job *j, unsigned flags)
 {
-    int ret = vimg_pread(src, s->buf, len, off, err);
+    if (j->o->top_only && !(flags & VIMG_STATUS_ALLOCATED)) {
+        return false;
+    }
+    return !(flags & VIMG_STATUS_ZERO) || 0 == j->o->sparse_size;
+}
+
+static bool item_needs_slot(const struct item *it)
+{
+    return ITEM_READ_AIO == it->kind || ITEM_READ_SYNC == it->kind ||
+           ITEM_COPY_RANGE == it->kind;
+}
+
+/* The next item in guest order; false when the sources are done. */
+static int walk_next(struct copy_job *j, struct item *it, bool *have)
+{
+    *have = false;
+    while (!j->w_done) {
+        if (j->w_idx >= j->nsrc) {
+            j->w_done = true;
+            break;
+        }
+        struct vimg_image *src = j->srcs[j->w_idx];
+        uint64_t size = vimg_size(src);
+        if (j->w_off >= size) {
+            j->w_dst_base += size;
+            j->w_idx++;
+            j->w_off = j->w_run_end = 0;
+            continue;
+        }
+        if (j->w_off >= j->w_run_end) {
+            uint64_t len;
+            int ret = job_status(j, src, j->w_off, size - j->w_off, &j->w_flags, &len,
+                                 &j->w_host, &j->w_host_off);
+            if (ret < 0) {
+                return ret;
+            }
+            j->w_run_start = j->w_off;
+            j->w_run_end = j->w_off + len;
+        }
+        unsigned f = j->w_flags;
+        uint64_t rem = j->w_run_end - j->w_off;
+        memset(it, 0, sizeof(*it));
+        it->src = src;
+        it->src_off = j->w_off;
+        it->dst_off = j->w_dst_base + j->w_off;
+        it->counts = job_counts(j, f);
+        if ((f & VIMG_STATUS_ZERO) && j->o->sparse_size) {
+            it->kind = ITEM_ZERO;
+            it->len = rem;
+        } else if (j->o->top_only && !(f & VIMG_STATUS_ALLOCATED)) {
+            it->kind = ITEM_SKIP;
+            it->len = rem;
+        } else {
+            it->len = VIMG_MIN(rem, j->buf_size);
+            if ((f & VIMG_STATUS_ZERO) || !(f & (VIMG_STATUS_DATA | VIMG_STATUS_ALLOCATED))) {
+                it->kind = ITEM_ZERO_DATA;
+            } else if ((f & VIMG_STATUS_DATA) && (f & VIMG_STATUS_HOST_VALID) &&
+                       !(f & VIMG_STATUS_COMPRESSED) && j->w_host) {
+                it->host = j->w_host;
+                it->host_off = j->w_host_off + (j->w_off - j->w_run_start);
+                if (j->use_copy_range) {
+                    it->kind = ITEM_COPY_RANGE;
+                } else if (j->w_host->fd >= 0) {
+                    it->kind = ITEM_READ_AIO;
+                } else {
+                    it->kind = ITEM_READ_SYNC;
+                }
+            } else {
+                it->kind = ITEM_READ_SYNC;
+            }
+        }
+        j->w_off += it->len;
+        *have = true;
+        return 0;
+    }
+    return 0;
+}
+
+/* An O_DIRECT descriptor of f for -t none / -T none, or -1. */
+static int job_direct_fd(struct copy_job *j, struct vimg_file *f, bool write)
+{
+    for (unsigned i = 0; i < j->ndirect; i++) {
+        if (j->direct[i].file == f && j->direct[i].write == write) {
+            return j->direct[i].fd;
+        }
+    }
+    if (j->ndirect == NDIRECT || f->fd < 0) {
+        return -1;
+    }
+    int fd = open(f->name, (write ? O_WRONLY : O_RDONLY) | O_DIRECT | O_CLOEXEC);
+    j->direct[j->ndirect++] = (struct direct_fd){ f, fd, write };
+    return fd;
+}
+
+static int job_pick_fd(struct copy_job *j, struct vimg_file *f, bool write, uint64_t off,
+                       uint64_t len, const void *buf)
+{
+    bool want = write ? j->o->dst_direct : j->o->src_direct;
+    if (want && 0 == off % DIRECT_ALIGN && 0 == len % DIRECT_ALIGN &&
+        0 == (uintptr_t)buf % DIRECT_ALIGN) {
+        int fd = job_direct_fd(j, f, write);
+        if (fd >= 0) {
+            return fd;
+        }
+    }
+    return f->fd;
+}
+
+static void slot_put(struct copy_job *j, struct slot *s)
+{
+    if (0 == --s->refs) {
+        s->item = NULL;
+        j->free_slots[j->nfree_slots++] = s;
+    }
+}
+
+static void wreq_done(struct vimg_aio_req *req, int result)
+{
+    struct wreq *w = req->opaque;
+    struct copy_job *j = w->job;
+
+    if (result < 0) {
+        job_io_error(j, result, VIMG_AIO_ZERO == req->op ? "writing zeroes" : "writing",
+                     req->off);
+    }
+    if (w->slot) {
+        slot_put(j, w->slot);
+    }
+    w->slot = NULL;
+    w->next_free = j->free_wreqs;
+    j->free_wreqs = w;
+}
+
+static int job_reap(struct copy_job *j, unsigned min)
+{
+    int ret = vimg_aio_reap(j->aio, min);
+    if (ret < 0 && -EBUSY != ret) {
+        vimg_error_set(j->err, -ret, "asynchronous I/O failed: %s", strerror(-ret));
+        return job_fail(j, ret);
+    }
+    return 0;
+}
+
+static int job_submit(struct copy_job *j, struct vimg_aio_req *req)
+{
+    for (;;) {
+        int ret = vimg_aio_submit(j->aio, req);
+        if (-EAGAIN != ret) {
+            if (ret < 0) {
+                vimg_error_set(j->err, -ret, "could not submit I/O: %s", strerror(-ret));
+                return job_fail(j, ret);
+            }
+            return 0;
+        }
+        ret = job_reap(j, 1);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+}
+
+/* Queue a write or zero on a host fd; the slot stays alive until it is done. */
+static int job_host_write(struct copy_job *j, enum vimg_aio_op op, int fd, const void *buf,
+                          uint64_t len, uint64_t host_off, struct slot *s)
+{
+    while (!j->free_wreqs) {
+        int ret = job_reap(j, 1);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    struct wreq *w = j->free_wreqs;
+    j->free_wreqs = w->next_free;
+    memset(&w->req, 0, sizeof(w->req));
+    w->req.op = op;
+    w->req.fd = fd;
+    w->req.buf = (void *)buf;
+    w->req.len = (size_t)len;
+    w->req.off = host_off;
+    w->req.cb = wreq_done;
+    w->req.opaque = w;
+    w->job = j;
+    w->slot = s;
+    if (s) {
+        s->refs++;
+    }
+    int ret = job_submit(j, &w->req);
     if (ret < 0) {
-        vimg_error_prefix(err, "error while reading at byte %" PRIu64 ": ", off);
-        return ret;
+        if (s) {
+            s->refs--;
+        }
+        w->slot = NULL;
+        w->next_free = j->free_wreqs;
+        j->free_wreqs = w;
     }
-    if (0 == s->o->sparse_size) {
-        return vimg_pwrite(s->dst, s->buf, len, dst_off, err);
+    return ret;
+}
+
+static int job_write(struct copy_job *j, const uint8_t *buf, uint64_t len, uint64_t off,
+                     struct slot *s)
+{
+    struct vimg_image *dst = j->dst;
+    int ret;
+
+    switch (j->mode) {
+    case DST_RAW_AIO:
+        return job_host_write(j, VIMG_AIO_WRITE,
+                              job_pick_fd(j, dst->file, true, off, len, buf),
+                              buf, len, off, s);
+    case DST_ALLOC:
+        while (len) {
+            struct vimg_run run = { 0 };
+            ret = dst->drv->alloc_data(dst, off, len, &run, j->err);
+            if (ret < 0) {
+                return job_fail(j, ret);
+            }
+            if (0 == run.length || run.length > len || !run.host) {
+                vimg_error_set(j->err, EIO, "'%s': driver returned a bad host run for "
+                               "offset %" PRIu64, dst->filename, off);
+                return job_fail(j, -EIO);
+            }
+            if (run.host->fd >= 0) {
+                ret = job_host_write(j, VIMG_AIO_WRITE,
+                                     job_pick_fd(j, run.host, true, run.host_off,
+                                                 run.length, buf),
+                                     buf, run.length, run.host_off, s);
+            } else {
+                ret = vimg_file_pwrite(run.host, buf, (size_t)run.length, run.host_off);
+                if (ret < 0) {
+                    job_io_error(j, ret, "writing", off);
+                }
+            }
+            if (ret < 0) {
+                return ret;
+            }
+            buf += run.length;
+            off += run.length;
+            len -= run.length;
+        }
+        return 0;
+    case DST_SYNC:
+    default:
+        ret = vimg_pwrite(dst, buf, (size_t)len, off, j->err);
+        return ret < 0 ? job_fail(j, ret) : 0;
     }
-    /* Split at the -S granularity; zero parts become holes. */
-    int min = (int)(s->o->sparse_size / SECTOR);
+}
+
+static int job_zero(struct copy_job *j, uint64_t off, uint64_t len)
+{
+    int ret;
+
+    if (j->o->target_has_zero_init) {
+        return 0;
+    }
+    if (DST_RAW_AIO == j->mode) {
+        return job_host_write(j, VIMG_AIO_ZERO, j->dst->file->fd, NULL, len, off, NULL);
+    }
+    ret = vimg_write_zeroes(j->dst, off, len, VIMG_ZERO_MAY_UNMAP, j->err);
+    return ret < 0 ? job_fail(j, ret) : 0;
+}
+
+/* Write a chunk of data, split at the -S granularity. */
+static int job_write_data(struct copy_job *j, const uint8_t *buf, uint64_t len,
+                          uint64_t dst_off, struct slot *s)
+{
+    if (0 == j->o->sparse_size) {
+        return job_write(j, buf, len, dst_off, s);
+    }
+    int min = (int)(j->o->sparse_size / SECTOR);
     int alignment = 1;
     while (alignment * 2 <= min) {
         alignment *= 2;
@@ -130,15 +557,15 @@ static int copy_data(struct copy_state *s, struct vimg_image *src, uint64_t off,
     while (done < len) {
         uint64_t rem = len - done;
         int n = (int)vimg_div_round_up(rem, SECTOR);
-        int pnum;
-        int is_data = vimg_internal_zero_split(s->buf + done, n, &pnum, min,
+        int pnum, ret;
+        int is_data = vimg_internal_zero_split(buf + done, n, &pnum, min,
                                                (int64_t)((dst_off + done) / SECTOR),
                                                alignment);
         uint64_t bytes = VIMG_MIN((uint64_t)pnum * SECTOR, rem);
         if (is_data) {
-            ret = vimg_pwrite(s->dst, s->buf + done, bytes, dst_off + done, err);
+            ret = job_write(j, buf + done, bytes, dst_off + done, s);
         } else {
-            ret = copy_zero(s, dst_off + done, bytes, err);
+            ret = job_zero(j, dst_off + done, bytes);
         }
         if (ret < 0) {
             return ret;
@@ -148,68 +575,414 @@ static int copy_data(struct copy_state *s, struct vimg_image *src, uint64_t off,
     return 0;
 }
 
-int vimg_copy(struct vimg_image *const *srcs, int nsrc, struct vimg_image *dst,
-              const struct vimg_copy_opts *o, struct vimg_error *err)
+static void read_done(struct vimg_aio_req *req, int result)
 {
-    struct copy_state s = { .o = o, .dst = dst };
-    int ret = 0;
+    struct slot *s = req->opaque;
+    s->item->read_done = true;
+    s->item->read_ret = result;
+}
 
-    s.buf_size = o->buf_size ? o->buf_size : DEFAULT_BUF;
-    /* The progress denominator: what will be read (and zeros with -S 0). */
-    for (int i = 0; i < nsrc; i++) {
-        uint64_t size = vimg_size(srcs[i]);
-        for (uint64_t off = 0; off < size;) {
-            struct vimg_status st;
-            ret = vimg_block_status(srcs[i], off, size - off, &st, err);
+/* Start an item: take its buffer and queue its read. */
+static int job_start(struct copy_job *j, struct item *it)
+{
+    if (!item_needs_slot(it)) {
+        return 0;
+    }
+    struct slot *s = j->free_slots[--j->nfree_slots];
+    s->refs = 1;
+    s->item = it;
+    it->slot = s;
+    if (ITEM_READ_AIO != it->kind) {
+        return 0;
+    }
+    memset(&s->req, 0, sizeof(s->req));
+    s->req.op = VIMG_AIO_READ;
+    s->req.fd = job_pick_fd(j, it->host, false, it->host_off, it->len, s->buf);
+    s->req.buf = s->buf;
+    s->req.len = (size_t)it->len;
+    s->req.off = it->host_off;
+    s->req.cb = read_done;
+    s->req.opaque = s;
+    return job_submit(j, &s->req);
+}
+
+static int job_fill(struct copy_job *j)
+{
+    while (j->ring_count < j->ring_cap && j->ret >= 0) {
+        if (!j->have_next) {
+            int ret = walk_next(j, &j->next, &j->have_next);
             if (ret < 0) {
                 return ret;
             }
-            if (!(st.flags & VIMG_STATUS_ZERO) || 0 == o->sparse_size) {
-                s.allocated_total += st.length;
-            }
-            off += st.length;
-        }
-    }
-    s.buf = malloc(s.buf_size);
-    if (!s.buf) {
-        vimg_error_set(err, ENOMEM, "out of memory");
-        return -ENOMEM;
-    }
-    uint64_t dst_base = 0;
-    for (int i = 0; i < nsrc && ret >= 0; i++) {
-        struct vimg_image *src = srcs[i];
-        uint64_t size = vimg_size(src);
-        for (uint64_t off = 0; off < size && ret >= 0;) {
-            struct vimg_status st;
-            ret = vimg_block_status(src, off, size - off, &st, err);
-            if (ret < 0) {
+            if (!j->have_next) {
                 break;
             }
-            uint64_t run_end = off + st.length;
-            /* A run is cut into buffer-sized chunks from its start. */
-            while (off < run_end && ret >= 0) {
-                uint64_t n = run_end - off;
-                if ((st.flags & VIMG_STATUS_ZERO) && o->sparse_size) {
-                    ret = copy_zero(&s, dst_base + off, n, err);
-                    off += n;
-                    continue;
-                }
-                n = VIMG_MIN(n, s.buf_size);
-                if (st.flags & VIMG_STATUS_ZERO) {
-                    memset(s.buf, 0, n);
-                    ret = vimg_pwrite(dst, s.buf, n, dst_base + off, err);
-                } else {
-                    ret = copy_data(&s, src, off, dst_base + off, n, err);
-                }
-                copy_progress(&s, n);
-                off += n;
+        }
+        if (item_needs_slot(&j->next) && 0 == j->nfree_slots) {
+            break;
+        }
+        struct item *it = &j->ring[(j->ring_head + j->ring_count) % j->ring_cap];
+        *it = j->next;
+        j->have_next = false;
+        j->ring_count++;
+        int ret = job_start(j, it);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    return 0;
+}
+
+/* Finish the item at the head of the ring.  *busy: it waits for its read. */
+static int job_finish_head(struct copy_job *j, bool *busy)
+{
+    struct item *it = &j->ring[j->ring_head];
+    struct slot *s = it->slot;
+    int ret = 0;
+
+    *busy = false;
+    switch (it->kind) {
+    case ITEM_SKIP:
+        break;
+    case ITEM_ZERO:
+        ret = job_zero(j, it->dst_off, it->len);
+        break;
+    case ITEM_ZERO_DATA:
+        if (j->o->sparse_size) {
+            ret = job_zero(j, it->dst_off, it->len);
+        } else {
+            ret = job_write(j, j->zero_buf, it->len, it->dst_off, NULL);
+        }
+        break;
+    case ITEM_COPY_RANGE:
+        ret = vimg_file_copy_range(it->host, it->host_off, j->dst->file, it->dst_off,
+                                   it->len, true);
+        if (0 == ret) {
+            break;
+        }
+        if (-ENOTSUP != ret) {
+            job_io_error(j, ret, "copying", it->src_off);
+            break;
+        }
+        /* The kernel cannot: copy through the buffer from now on. */
+        j->use_copy_range = false;
+        ret = vimg_file_pread(it->host, s->buf, (size_t)it->len, it->host_off);
+        if (ret < 0) {
+            job_io_error(j, ret, "reading", it->src_off);
+            break;
+        }
+        ret = job_write(j, s->buf, it->len, it->dst_off, s);
+        break;
+    case ITEM_READ_AIO:
+        if (!it->read_done) {
+            *busy = true;
+            return 0;
+        }
+        if (it->read_ret < 0) {
+            ret = job_io_error(j, it->read_ret, "reading", it->src_off);
+            break;
+        }
+        ret = job_write_data(j, s->buf, it->len, it->dst_off, s);
+        break;
+    case ITEM_READ_SYNC:
+        ret = vimg_pread(it->src, s->buf, (size_t)it->len, it->src_off, j->err);
+        if (ret < 0) {
+            vimg_error_prefix(j->err, "error while reading at byte %" PRIu64 ": ",
+                              it->src_off);
+            job_fail(j, ret);
+            break;
+        }
+        ret = job_write_data(j, s->buf, it->len, it->dst_off, s);
+        break;
+    }
+    if (s) {
+        slot_put(j, s);
+    }
+    j->ring_head = (j->ring_head + 1) % j->ring_cap;
+    j->ring_count--;
+    if (ret >= 0 && j->ret >= 0 && it->counts) {
+        job_progress(j, it->len);
+    }
+    return ret < 0 ? job_fail(j, ret) : 0;
+}
+
+static int job_prepass(struct copy_job *j)
+{
+    for (int i = 0; i < j->nsrc; i++) {
+        uint64_t size = vimg_size(j->srcs[i]);
+        for (uint64_t off = 0; off < size;) {
+            unsigned flags;
+            uint64_t len, host_off;
+            struct vimg_file *host;
+            int ret = job_status(j, j->srcs[i], off, size - off, &flags, &len, &host,
+                                 &host_off);
+            if (ret < 0) {
+                return ret;
+            }
+            if (job_counts(j, flags)) {
+                j->allocated_total += len;
+            }
+            off += len;
+            if (j->o->cancel && *j->o->cancel) {
+                return 0;
             }
         }
-        dst_base += size;
     }
-    free(s.buf);
-    if (ret >= 0) {
-        ret = vimg_flush(dst, err);
+    return 0;
+}
+
+static bool job_cancelled(struct copy_job *j)
+{
+    if (j->o->cancel && *j->o->cancel) {
+        vimg_error_set(j->err, ECANCELED, "interrupted");
+        job_fail(j, -ECANCELED);
+        return true;
     }
-    return ret;
+    return false;
+}
+
+static int job_setup(struct copy_job *j)
+{
+    struct vimg_image *dst = j->dst;
+    const struct vimg_copy_opts *o = j->o;
+    int ret;
+
+    j->buf_size = o->buf_size ? o->buf_size : DEFAULT_BUF;
+    j->buf_size = VIMG_MAX(vimg_align_down(j->buf_size, DIRECT_ALIGN), DIRECT_ALIGN);
+    j->depth = o->queue_depth ? VIMG_MIN(o->queue_depth, MAX_DEPTH) : DEFAULT_DEPTH;
+
+    if (dst->drv->data_only && dst->file->fd >= 0) {
+        j->mode = DST_RAW_AIO;
+    } else if (o->fresh_target && dst->drv->alloc_data) {
+        j->mode = DST_ALLOC;
+    } else {
+        j->mode = DST_SYNC;
+    }
+    j->use_copy_range = DST_RAW_AIO == j->mode && !o->dst_direct && !o->src_direct &&
+                        (o->copy_range || 0 == o->sparse_size);
+
+    j->slots = calloc(j->depth, sizeof(*j->slots));
+    j->free_slots = calloc(j->depth, sizeof(*j->free_slots));
+    j->wreqs = calloc((size_t)j->depth * WREQ_PER_SLOT, sizeof(*j->wreqs));
+    j->ring_cap = 2 * j->depth;
+    j->ring = calloc(j->ring_cap, sizeof(*j->ring));
+    if (!j->slots || !j->free_slots || !j->wreqs || !j->ring) {
+        goto nomem;
+    }
+    for (unsigned i = 0; i < j->depth; i++) {
+        void *p;
+        if (posix_memalign(&p, DIRECT_ALIGN, (size_t)j->buf_size)) {
+            goto nomem;
+        }
+        j->slots[i].buf = p;
+        j->slots[i].job = j;
+        j->free_slots[j->nfree_slots++] = &j->slots[i];
+    }
+    for (unsigned i = 0; i < j->depth * WREQ_PER_SLOT; i++) {
+        j->wreqs[i].next_free = j->free_wreqs;
+        j->free_wreqs = &j->wreqs[i];
+    }
+    if (0 == o->sparse_size) {
+        void *p;
+        if (posix_memalign(&p, DIRECT_ALIGN, (size_t)j->buf_size)) {
+            goto nomem;
+        }
+        memset(p, 0, (size_t)j->buf_size);
+        j->zero_buf = p;
+    }
+
+    unsigned aio_depth = j->depth * (1 + WREQ_PER_SLOT);
+    ret = -ENOSYS;
+    if ((o->src_direct || o->dst_direct) && !getenv("VIMG_AIO")) {
+        ret = vimg_aio_new(&j->aio, VIMG_AIO_LIBAIO, aio_depth);
+    }
+    if (ret < 0) {
+        ret = vimg_aio_new(&j->aio, VIMG_AIO_AUTO, aio_depth);
+    }
+    if (ret < 0) {
+        vimg_error_set(j->err, -ret, "could not set up asynchronous I/O (VIMG_AIO=%s): %s",
+                       getenv("VIMG_AIO") ? getenv("VIMG_AIO") : "", strerror(-ret));
+        return job_fail(j, ret);
+    }
+    copy_backend_used = vimg_aio_backend_name(j->aio);
+    return 0;
+nomem:
+    vimg_error_set(j->err, ENOMEM, "out of memory");
+    return job_fail(j, -ENOMEM);
+}
+
+static void job_cleanup(struct copy_job *j)
+{
+    if (j->aio) {
+        while (vimg_aio_in_flight(j->aio)) {
+            if (vimg_aio_reap(j->aio, vimg_aio_in_flight(j->aio)) < 0) {
+                break;
+            }
+        }
+        vimg_aio_free(j->aio);
+    }
+    for (unsigned i = 0; j->slots && i < j->depth; i++) {
+        free(j->slots[i].buf);
+    }
+    for (unsigned i = 0; i < j->ndirect; i++) {
+        if (j->direct[i].fd >= 0) {
+            close(j->direct[i].fd);
+        }
+    }
+    free(j->slots);
+    free(j->free_slots);
+    free(j->wreqs);
+    free(j->ring);
+    free(j->zero_buf);
+}
+
+/* ---- compressed output ------------------------------------------------------
+ *
+ * Every cluster that is not all zeros goes through the driver's
+ * write_compressed, in guest order.  Chunks are cluster-aligned in the
+ * target; a chunk may span the end of one source and the start of the next.
+ */
+static int job_read_concat(struct copy_job *j, uint8_t *buf, uint64_t len, uint64_t off)
+{
+    uint64_t base = 0;
+    for (int i = 0; i < j->nsrc && len; i++) {
+        uint64_t size = vimg_size(j->srcs[i]);
+        if (off < base + size) {
+            uint64_t n = VIMG_MIN(len, base + size - off);
+            int ret = vimg_pread(j->srcs[i], buf, (size_t)n, off - base, j->err);
+            if (ret < 0) {
+                vimg_error_prefix(j->err, "error while reading at byte %" PRIu64 ": ", off);
+                return job_fail(j, ret);
+            }
+            buf += n;
+            off += n;
+            len -= n;
+        }
+        base += size;
+    }
+    memset(buf, 0, (size_t)len);
+    return 0;
+}
+
+static int job_compressed(struct copy_job *j, uint64_t total)
+{
+    struct vimg_image *dst = j->dst;
+    uint64_t cluster = dst->limits.cluster_size;
+    int ret;
+
+    if (!dst->drv->write_compressed || dst->drv->data_only) {
+        vimg_error_set(j->err, ENOTSUP, "Compression not supported for this file format");
+        return job_fail(j, -ENOTSUP);
+    }
+    if (0 == cluster || cluster > j->buf_size) {
+        vimg_error_set(j->err, EINVAL, "invalid cluster size");
+        return job_fail(j, -EINVAL);
+    }
+    uint64_t chunk = vimg_align_down(j->buf_size, cluster);
+    uint8_t *buf = j->slots[0].buf;
+    j->allocated_total = total;
+    for (uint64_t off = 0; off < total && j->ret >= 0;) {
+        if (job_cancelled(j)) {
+            break;
+        }
+        uint64_t n = VIMG_MIN(chunk, total - off);
+        ret = job_read_concat(j, buf, n, off);
+        if (ret < 0) {
+            break;
+        }
+        for (uint64_t c = 0; c < n; c += cluster) {
+            uint64_t clen = VIMG_MIN(cluster, n - c);
+            if (vimg_is_zero(buf + c, (size_t)clen)) {
+                if (!j->o->target_has_zero_init) {
+                    ret = vimg_write_zeroes(dst, off + c, clen, 0, j->err);
+                    if (ret < 0) {
+                        return job_fail(j, ret);
+                    }
+                }
+                continue;
+            }
+            ret = dst->drv->write_compressed(dst, buf + c, (size_t)clen, off + c, j->err);
+            if (ret < 0) {
+                return job_fail(j, ret);
+            }
+        }
+        off += n;
+        job_progress(j, n);
+    }
+    return j->ret;
+}
+
+int vimg_copy(struct vimg_image *const *srcs, int nsrc, struct vimg_image *dst,
+              const struct vimg_copy_opts *o, struct vimg_error *err)
+{
+    struct vimg_error local_err = { 0 };
+    struct copy_job j = {
+        .o = o, .srcs = srcs, .nsrc = nsrc, .dst = dst,
+        .err = err ? err : &local_err,
+    };
+    uint64_t total = 0;
+    int ret;
+
+    copy_backend_used = "sync";
+    for (int i = 0; i < nsrc; i++) {
+        if (!vimg_add_ok(total, vimg_size(srcs[i]), &total)) {
+            vimg_error_set(j.err, EFBIG, "the sources are too large together");
+            return -EFBIG;
+        }
+    }
+    if (total > vimg_size(dst)) {
+        vimg_error_set(j.err, EINVAL, "output file is smaller than input file");
+        return -EINVAL;
+    }
+    ret = job_setup(&j);
+    if (ret < 0) {
+        goto out;
+    }
+    if (o->compress || dst->limits.needs_compressed_writes) {
+        job_compressed(&j, total);
+        goto flush;
+    }
+    ret = job_prepass(&j);
+    if (ret < 0) {
+        goto out;
+    }
+    while (j.ret >= 0) {
+        bool busy = false;
+        if (job_cancelled(&j) || job_fill(&j) < 0) {
+            break;
+        }
+        if (j.ring_count) {
+            if (job_finish_head(&j, &busy) < 0) {
+                break;
+            }
+        } else if (j.w_done && !j.have_next) {
+            break;
+        }
+        if (busy) {
+            /* the head waits for its read: let the ring work */
+            if (job_reap(&j, 1) < 0) {
+                break;
+            }
+        } else if (vimg_aio_in_flight(j.aio) && job_reap(&j, 0) < 0) {
+            break;
+        }
+    }
+    while (vimg_aio_in_flight(j.aio) && job_reap(&j, vimg_aio_in_flight(j.aio)) >= 0) {
+    }
+flush:
+    if (j.ret >= 0 && !o->no_flush) {
+        ret = vimg_flush(dst, j.err);
+        if (ret < 0) {
+            job_fail(&j, ret);
+        }
+    } else if (j.ret >= 0 && DST_ALLOC == j.mode) {
+        /* an append-mode writer still has its metadata to write */
+        ret = vimg_flush(dst, j.err);
+        if (ret < 0) {
+            job_fail(&j, ret);
+        }
+    }
+out:
+    job_cleanup(&j);
+    return j.ret < 0 ? j.ret : 0;
 }

@@ -430,6 +430,9 @@ struct vimg_image *vimg_backing(const struct vimg_image *img)
 
 int64_t vimg_allocated_size(const struct vimg_image *img)
 {
+    if (img->drv->allocated_size) {
+        return img->drv->allocated_size((struct vimg_image *)img);
+    }
     return img->file->ops->allocated(img->file);
 }
 
@@ -469,10 +472,21 @@ int vimg_internal_layer_status(struct vimg_image *img, uint64_t offset, uint64_t
 int vimg_block_status(struct vimg_image *img, uint64_t offset, uint64_t max_len,
                       struct vimg_status *st, struct vimg_error *err)
 {
+    return vimg_internal_block_status_host(img, offset, max_len, st, NULL, err);
+}
+
+int vimg_internal_block_status_host(struct vimg_image *img, uint64_t offset,
+                                    uint64_t max_len, struct vimg_status *st,
+                                    struct vimg_file **host, struct vimg_error *err)
+{
     struct vimg_image *layer = img;
     struct vimg_run run;
     int depth = 0;
     int ret;
+
+    if (host) {
+        *host = NULL;
+    }
 
     if (offset >= img->size || 0 == max_len) {
         vimg_error_set(err, EINVAL, "'%s': block status at offset %" PRIu64
@@ -511,16 +525,21 @@ int vimg_block_status(struct vimg_image *img, uint64_t offset, uint64_t max_len,
                 st->flags |= VIMG_STATUS_HOST_VALID;
                 st->host_offset = run.host_off;
                 st->host_file = run.host->name;
+                if (host) {
+                    *host = run.host;
+                }
             }
             return 0;
         }
-        depth++;
         if (!layer->backing) {
+            /* as qemu: unallocated at the bottom of the chain reads as
+             * zeros, reported at the bottom layer's depth */
             st->length = run.length;
             st->depth = depth;
-            st->flags = 0;
+            st->flags = VIMG_STATUS_ZERO;
             return 0;
         }
+        depth++;
         layer = layer->backing;
     }
 }

@@ -65,4 +65,10 @@ int vimg_internal_layer_status(struct vimg_image *img, uint64_t offset,
                                uint64_t max_len, struct vimg_run *run,
                                struct vimg_error *err);
 
+/* vimg_block_status, also giving the host file of a HOST_VALID run (NULL
+ * otherwise), so the copy engine can read plain data straight from it. */
+int vimg_internal_block_status_host(struct vimg_image *img, uint64_t offset,
+                                    uint64_t max_len, struct vimg_status *st,
+                                    struct vimg_file **host, struct vimg_error *err);
+
 #endif

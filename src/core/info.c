@@ -3,6 +3,8 @@
 
 #include <inttypes.h>
 #include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "core/image.h"
@@ -52,12 +54,43 @@ int vimg_internal_image_info(struct vimg_image *img, struct vimg_qobj **out,
         vimg_q_put(d, "backing-filename", vimg_q_str(img->backing_name));
         if (img->full_backing_name) {
             vimg_q_put(d, "full-backing-filename", vimg_q_str(img->full_backing_name));
+        } else {
+            /* chain not opened (info): qemu still combines the paths */
+            const char *slash = strrchr(img->filename, '/');
+            char *full = NULL;
+            if ('/' == img->backing_name[0] || !slash) {
+                full = strdup(img->backing_name);
+            } else if (asprintf(&full, "%.*s%s", (int)(slash - img->filename + 1),
+                                img->filename, img->backing_name) < 0) {
+                full = NULL;
+            }
+            if (full) {
+                vimg_q_put(d, "full-backing-filename", vimg_q_str(full));
+                free(full);
+            }
         }
         if (img->backing_fmt) {
             vimg_q_put(d, "backing-filename-format", vimg_q_str(img->backing_fmt));
         }
     }
-    vimg_q_put(d, "dirty-flag", vimg_q_bool(false));
+    {
+        bool dirty = false, encrypted = false;
+        struct vimg_qobj *snaps = NULL;
+        if (img->drv->image_info) {
+            ret = img->drv->image_info(img, &dirty, &encrypted, &snaps, err);
+            if (ret < 0) {
+                vimg_q_free(d);
+                return ret;
+            }
+        }
+        if (encrypted) {
+            vimg_q_put(d, "encrypted", vimg_q_bool(true));
+        }
+        if (snaps) {
+            vimg_q_put(d, "snapshots", snaps);
+        }
+        vimg_q_put(d, "dirty-flag", vimg_q_bool(dirty));
+    }
     *out = d;
     return 0;
 }

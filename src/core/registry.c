@@ -6,10 +6,18 @@
 #include "core/image.h"
 
 extern const struct vimg_driver vimg_driver_raw;
+extern const struct vimg_driver vimg_driver_vmdk;
+extern const struct vimg_driver vimg_driver_qcow2;
+extern const struct vimg_driver vimg_driver_qcow;
+extern const struct vimg_driver vimg_driver_cow;
 
 /* Probing order does not matter (the best score wins); raw stays last so it
  * only wins when nothing else claims the file. */
 const struct vimg_driver *const vimg_internal_drivers[] = {
+    &vimg_driver_qcow2,
+    &vimg_driver_qcow,
+    &vimg_driver_cow,
+    &vimg_driver_vmdk,
     &vimg_driver_raw,
     NULL,
 };

@@ -5,8 +5,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/fs.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -322,6 +324,53 @@ int vimg_file_open_posix(struct vimg_file **out, const char *name, unsigned flag
     pf->base.writable = !!(flags & VIMG_FILE_RDWR);
     pf->can_punch = pf->can_zero_range = pf->can_fallocate = pf->can_seek_data = true;
     *out = &pf->base;
+    return 0;
+}
+
+static bool copy_range_unsupported(int e)
+{
+    return EXDEV == e || EINVAL == e || ENOSYS == e || EOPNOTSUPP == e || EBADF == e ||
+           ETXTBSY == e || EPERM == e;
+}
+
+int vimg_file_copy_range(struct vimg_file *src, uint64_t src_off, struct vimg_file *dst,
+                         uint64_t dst_off, uint64_t len, bool try_clone)
+{
+    if (src->fd < 0 || dst->fd < 0 || src_off > INT64_MAX || dst_off > INT64_MAX ||
+        len > INT64_MAX - VIMG_MAX(src_off, dst_off)) {
+        return -ENOTSUP;
+    }
+    if (try_clone && 0 == src_off % 4096 && 0 == dst_off % 4096 && 0 == len % 4096) {
+        struct file_clone_range fcr = {
+            .src_fd = src->fd,
+            .src_offset = src_off,
+            .src_length = len,
+            .dest_offset = dst_off,
+        };
+        if (0 == ioctl(dst->fd, FICLONERANGE, &fcr)) {
+            return 0;
+        }
+        /* any failure: the plain copy below still may work */
+    }
+    while (len) {
+        loff_t in = (loff_t)src_off, out = (loff_t)dst_off;
+        ssize_t n = copy_file_range(src->fd, &in, dst->fd, &out,
+                                    (size_t)VIMG_MIN(len, (uint64_t)1 << 30), 0);
+        if (n < 0) {
+            if (EINTR == errno) {
+                continue;
+            }
+            return copy_range_unsupported(errno) ? -ENOTSUP : -errno;
+        }
+        if (0 == n) {
+            /* the source ends here: the rest reads as zeros, which the
+             * buffered path knows how to write */
+            return -ENOTSUP;
+        }
+        src_off += (uint64_t)n;
+        dst_off += (uint64_t)n;
+        len -= (uint64_t)n;
+    }
     return 0;
 }
 

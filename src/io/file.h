@@ -100,6 +100,18 @@ enum {
 int vimg_file_lock(struct vimg_file *f, unsigned held, unsigned unshared,
                    const char **perm_name, bool *shared);
 
+/*
+ * Copy [src_off, src_off+len) of src to dst_off of dst inside the kernel:
+ * a reflink (FICLONERANGE) when try_clone is set, the range is aligned to
+ * the file system block and the file system shares extents, else
+ * copy_file_range.  Both must be posix files.  Returns 0 when the whole
+ * range was copied, -ENOTSUP (also for EXDEV, EINVAL, ENOSYS) when the
+ * kernel cannot do it here: the caller then copies through a buffer.  A
+ * copy may have been partly done before -ENOTSUP; redoing it is harmless.
+ */
+int vimg_file_copy_range(struct vimg_file *src, uint64_t src_off, struct vimg_file *dst,
+                         uint64_t dst_off, uint64_t len, bool try_clone);
+
 /* One zero-detection function for the whole project. */
 bool vimg_is_zero(const void *buf, size_t len);
 

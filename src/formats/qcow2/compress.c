@@ -1,0 +1,144 @@
+/* qcow2 compression codecs: raw deflate with a 4 KiB window, and zstd. */
+#include "config.h"
+
+#include <errno.h>
+#include <string.h>
+#include <zlib.h>
+#if HAVE_ZSTD
+#include <zstd.h>
+#endif
+
+#include "formats/qcow2/qcow2.h"
+
+/* qemu stops as soon as the cluster is full and ignores what follows (the
+ * rest of the last sector), so a stream that ends early is an error but
+ * one with trailing bytes is not. */
+static int qcow2_inflate(void *dst, size_t dlen, const void *src, size_t slen)
+{
+    z_stream z;
+    int ret;
+
+    memset(&z, 0, sizeof(z));
+    if (Z_OK != inflateInit2(&z, -12)) {
+        return -EIO;
+    }
+    z.next_in = (Bytef *)src;
+    z.avail_in = (uInt)slen;
+    z.next_out = dst;
+    z.avail_out = (uInt)dlen;
+    ret = inflate(&z, Z_FINISH);
+    inflateEnd(&z);
+    if ((Z_STREAM_END == ret || Z_BUF_ERROR == ret) && 0 == z.avail_out) {
+        return 0;
+    }
+    return -EIO;
+}
+
+static long qcow2_deflate(void *dst, size_t dlen, const void *src, size_t slen)
+{
+    z_stream z;
+    int ret;
+
+    memset(&z, 0, sizeof(z));
+    if (Z_OK != deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+                             Z_DEFAULT_STRATEGY)) {
+        return -EIO;
+    }
+    z.next_in = (Bytef *)src;
+    z.avail_in = (uInt)slen;
+    z.next_out = dst;
+    z.avail_out = (uInt)dlen;
+    ret = deflate(&z, Z_FINISH);
+    deflateEnd(&z);
+    if (Z_STREAM_END != ret) {
+        return Z_OK == ret || Z_BUF_ERROR == ret ? -ENOSPC : -EIO;
+    }
+    return (long)(dlen - z.avail_out);
+}
+
+#if HAVE_ZSTD
+static int qcow2_unzstd(void *dst, size_t dlen, const void *src, size_t slen)
+{
+    ZSTD_DStream *ds = ZSTD_createDStream();
+    ZSTD_outBuffer out = { dst, dlen, 0 };
+    ZSTD_inBuffer in = { src, slen, 0 };
+    int ret = 0;
+
+    if (!ds) {
+        return -ENOMEM;
+    }
+    /* frame after frame until the cluster is full */
+    while (out.pos < out.size) {
+        size_t last = in.pos;
+        size_t r = ZSTD_decompressStream(ds, &out, &in);
+        if (ZSTD_isError(r)) {
+            ret = -EIO;
+            break;
+        }
+        if (out.pos == out.size) {
+            break;
+        }
+        if (in.pos == in.size || (in.pos == last && 0 == r)) {
+            ret = -EIO;
+            break;
+        }
+    }
+    ZSTD_freeDStream(ds);
+    return ret;
+}
+
+static long qcow2_zstd(void *dst, size_t dlen, const void *src, size_t slen)
+{
+    ZSTD_CCtx *cctx = ZSTD_createCCtx();
+    ZSTD_outBuffer out = { dst, dlen, 0 };
+    ZSTD_inBuffer in = { src, slen, 0 };
+    long ret;
+
+    if (!cctx) {
+        return -ENOMEM;
+    }
+    for (;;) {
+        size_t r = ZSTD_compressStream2(cctx, &out, &in, ZSTD_e_end);
+        if (ZSTD_isError(r)) {
+            ret = -EIO;
+            break;
+        }
+        if (0 == r) {
+            ret = (long)out.pos;
+            break;
+        }
+        if (out.pos == out.size) {
+            ret = -ENOSPC;
+            break;
+        }
+    }
+    ZSTD_freeCCtx(cctx);
+    return ret;
+}
+#endif
+
+int qcow2_decompress(int type, void *dst, size_t dlen, const void *src, size_t slen)
+{
+    if (QCOW2_COMPRESS_ZLIB == type) {
+        return qcow2_inflate(dst, dlen, src, slen);
+    }
+#if HAVE_ZSTD
+    if (QCOW2_COMPRESS_ZSTD == type) {
+        return qcow2_unzstd(dst, dlen, src, slen);
+    }
+#endif
+    return -ENOTSUP;
+}
+
+long qcow2_compress(int type, void *dst, size_t dlen, const void *src, size_t slen)
+{
+    if (QCOW2_COMPRESS_ZLIB == type) {
+        return qcow2_deflate(dst, dlen, src, slen);
+    }
+#if HAVE_ZSTD
+    if (QCOW2_COMPRESS_ZSTD == type) {
+        return qcow2_zstd(dst, dlen, src, slen);
+    }
+#endif
+    return -ENOTSUP;
+}

@@ -1,0 +1,460 @@
+/* qcow2 refcounts: lookups, updates (written through at once), refcount
+ * block and table growth, and cluster allocation. */
+#include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "formats/qcow2/qcow2.h"
+#include "util/util.h"
+
+uint64_t qcow2_rb_get(const struct qcow2_state *s, const uint8_t *rb, uint64_t i)
+{
+    switch (s->refcount_order) {
+    case 0:
+        return (rb[i / 8] >> (i % 8)) & 1;
+    case 1:
+        return (rb[i / 4] >> (2 * (i % 4))) & 3;
+    case 2:
+        return (rb[i / 2] >> (4 * (i % 2))) & 15;
+    case 3:
+        return rb[i];
+    case 4:
+        return vimg_ld_be16(rb + 2 * i);
+    case 5:
+        return vimg_ld_be32(rb + 4 * i);
+    default:
+        return vimg_ld_be64(rb + 8 * i);
+    }
+}
+
+void qcow2_rb_set(const struct qcow2_state *s, uint8_t *rb, uint64_t i, uint64_t v)
+{
+    unsigned sh;
+    switch (s->refcount_order) {
+    case 0:
+    case 1:
+    case 2:
+        sh = (unsigned)((i % (8u >> s->refcount_order)) << s->refcount_order);
+        {
+            uint8_t mask = (uint8_t)(((1u << s->refcount_bits) - 1) << sh);
+            uint64_t byte = (i << s->refcount_order) / 8;
+            rb[byte] = (uint8_t)((rb[byte] & ~mask) | ((v << sh) & mask));
+        }
+        break;
+    case 3:
+        rb[i] = (uint8_t)v;
+        break;
+    case 4:
+        vimg_st_be16(rb + 2 * i, (uint16_t)v);
+        break;
+    case 5:
+        vimg_st_be32(rb + 4 * i, (uint32_t)v);
+        break;
+    default:
+        vimg_st_be64(rb + 8 * i, v);
+        break;
+    }
+}
+
+static int qcow2_load_rb(struct vimg_image *img, uint64_t rt_idx, uint8_t **rb,
+                         uint64_t *rb_off, struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    uint64_t off;
+
+    *rb = NULL;
+    *rb_off = 0;
+    if (rt_idx >= s->rt_size) {
+        return 0;
+    }
+    off = s->rt[rt_idx] & QCOW2_REFT_OFFSET_MASK;
+    if (!off) {
+        return 0;
+    }
+    if (qcow2_offset_into_cluster(s, off)) {
+        vimg_error_set(err, EIO, "'%s': Image is corrupt (unaligned refblock offset)",
+                       img->filename);
+        return -EIO;
+    }
+    *rb_off = off;
+    return qcow2_cache_get(img, &s->rb_cache, off, true, rb, err);
+}
+
+int qcow2_get_refcount(struct vimg_image *img, uint64_t cluster, uint64_t *rc,
+                       struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    uint8_t *rb;
+    uint64_t rb_off;
+    int ret = qcow2_load_rb(img, cluster / s->rb_entries, &rb, &rb_off, err);
+    if (ret < 0) {
+        return ret;
+    }
+    *rc = rb ? qcow2_rb_get(s, rb, cluster % s->rb_entries) : 0;
+    return 0;
+}
+
+/* Write the bytes of refblock rb (at rb_off) that hold entry i. */
+static int qcow2_rb_write_entry(struct vimg_image *img, uint8_t *rb, uint64_t rb_off,
+                                uint64_t i, struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    uint64_t byte = (i << s->refcount_order) / 8;
+    size_t n = s->refcount_order > 3 ? (size_t)1 << (s->refcount_order - 3) : 1;
+    int ret = vimg_file_pwrite(img->file, rb + byte, n, rb_off + byte);
+    if (ret < 0) {
+        return qcow2_io_error(img, ret, "Could not write refcount block", err);
+    }
+    return 0;
+}
+
+static int qcow2_update_rc_once(struct vimg_image *img, uint64_t host_off, uint64_t len,
+                                int64_t delta, struct vimg_error *err);
+
+/* qemu's search for free clusters: n in a row from the hint on, moving the
+ * hint past them.  Nothing is marked used yet. */
+static int qcow2_alloc_noref(struct vimg_image *img, uint64_t n, uint64_t *start,
+                             struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    uint64_t i = 0, rc;
+    int ret;
+
+    while (i < n) {
+        uint64_t c = s->free_hint++;
+        ret = qcow2_get_refcount(img, c, &rc, err);
+        if (ret < 0) {
+            return ret;
+        }
+        if (rc) {
+            i = 0;
+            continue;
+        }
+        i++;
+        if (s->free_hint > (QCOW2_L2E_OFFSET_MASK >> s->cluster_bits)) {
+            vimg_error_set(err, EFBIG, "'%s': no free cluster left", img->filename);
+            return -EFBIG;
+        }
+    }
+    *start = s->free_hint - n;
+    if (0 == *start && !s->creating) {
+        vimg_error_set(err, EIO, "'%s': Preventing invalid allocation at offset 0",
+                       img->filename);
+        return -EIO;
+    }
+    return 0;
+}
+
+static int qcow2_grow_reftable(struct vimg_image *img, uint64_t need_idx,
+                               struct vimg_error *err);
+
+/*
+ * Create the refcount block for rt_idx (cluster c needs it).  As in qemu,
+ * the block goes to the first free cluster, describing itself when it can,
+ * and the caller is told to start over (-EAGAIN, no message): the block may
+ * have landed where the caller meant to put its data.
+ */
+static int qcow2_alloc_rb(struct vimg_image *img, uint64_t rt_idx, struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    uint64_t nb;
+    uint8_t *rb, ent[8];
+    int ret;
+
+    if (rt_idx >= s->rt_size) {
+        ret = qcow2_grow_reftable(img, rt_idx, err);
+        return ret < 0 ? ret : -EAGAIN;
+    }
+    ret = qcow2_alloc_noref(img, 1, &nb, err);
+    if (ret < 0) {
+        return ret;
+    }
+    if (nb / s->rb_entries != rt_idx) {
+        ret = qcow2_update_rc_once(img, nb << s->cluster_bits, 1, 1, err);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    ret = qcow2_cache_get(img, &s->rb_cache, nb << s->cluster_bits, false, &rb, err);
+    if (ret < 0) {
+        return ret;
+    }
+    if (nb / s->rb_entries == rt_idx) {
+        qcow2_rb_set(s, rb, nb % s->rb_entries, 1);
+    }
+    ret = vimg_file_pwrite(img->file, rb, s->cluster_size, nb << s->cluster_bits);
+    if (ret < 0) {
+        qcow2_cache_drop(&s->rb_cache, nb << s->cluster_bits);
+        return qcow2_io_error(img, ret, "Could not write refcount block", err);
+    }
+    vimg_st_be64(ent, nb << s->cluster_bits);
+    ret = vimg_file_pwrite(img->file, ent, 8, s->rt_offset + rt_idx * 8);
+    if (ret < 0) {
+        return qcow2_io_error(img, ret, "Could not update refcount table", err);
+    }
+    s->rt[rt_idx] = nb << s->cluster_bits;
+    return -EAGAIN;
+}
+
+/*
+ * A larger refcount table, written at the end of the file together with the
+ * refcount blocks that cover it and itself.  The header switches to it in
+ * one small write once everything it points to is on disk; the old table
+ * is freed after that.
+ */
+static int qcow2_grow_reftable(struct vimg_image *img, uint64_t need_idx,
+                               struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    int64_t fsize = vimg_file_size(img->file);
+    uint64_t a, t, b, new_size, last_idx, rc;
+    uint64_t old_off = s->rt_offset, old_clusters = s->rt_clusters;
+    uint64_t *nrt = NULL;
+    uint8_t *blk = NULL, hdr[12];
+    int ret;
+
+    if (fsize < 0) {
+        return qcow2_io_error(img, (int)fsize, "Could not get file size", err);
+    }
+    a = vimg_div_round_up((uint64_t)fsize, s->cluster_size);
+    /* start past anything refcounted (allocated but not yet written) */
+    for (;;) {
+        ret = qcow2_get_refcount(img, a, &rc, err);
+        if (ret < 0) {
+            return ret;
+        }
+        if (0 == rc && a / s->rb_entries >= s->rt_size) {
+            break;
+        }
+        if (0 == rc) {
+            /* check the rest of that block's range is free */
+            uint64_t j = a + 1, lim = (a / s->rb_entries + 1) * s->rb_entries;
+            bool used = false;
+            for (; j < lim; j++) {
+                ret = qcow2_get_refcount(img, j, &rc, err);
+                if (ret < 0) {
+                    return ret;
+                }
+                if (rc) {
+                    used = true;
+                    break;
+                }
+            }
+            if (!used) {
+                break;
+            }
+            a = j + 1;
+            continue;
+        }
+        a++;
+    }
+    t = 0;
+    b = 0;
+    for (int iter = 0; iter < 64; iter++) {
+        uint64_t nb = 0, nt;
+        uint64_t end = a + t + b;
+        last_idx = VIMG_MAX(need_idx, (end ? end - 1 : 0) / s->rb_entries);
+        for (uint64_t r = a / s->rb_entries; r <= (end ? end - 1 : a) / s->rb_entries; r++) {
+            if (r >= s->rt_size || !(s->rt[r] & QCOW2_REFT_OFFSET_MASK)) {
+                nb++;
+            }
+        }
+        new_size = VIMG_MAX(last_idx + 1, s->rt_size + s->rt_size / 2);
+        nt = vimg_div_round_up(new_size * 8, s->cluster_size);
+        if (nt == t && nb == b) {
+            break;
+        }
+        t = nt;
+        b = nb;
+    }
+    if (t * s->cluster_size > QCOW2_MAX_REFTABLE_SIZE) {
+        vimg_error_set(err, EFBIG, "'%s': the refcount table would grow too large",
+                       img->filename);
+        return -EFBIG;
+    }
+    new_size = t * s->cluster_size / 8;
+    nrt = calloc(new_size, 8);
+    blk = malloc(s->cluster_size);
+    if (!nrt || !blk) {
+        free(nrt);
+        free(blk);
+        vimg_error_set(err, ENOMEM, "out of memory");
+        return -ENOMEM;
+    }
+    memcpy(nrt, s->rt, s->rt_size * 8);
+    {
+        uint64_t end = a + t + b, next = a + t;
+        for (uint64_t r = a / s->rb_entries; r <= (end - 1) / s->rb_entries; r++) {
+            if (r < s->rt_size && (s->rt[r] & QCOW2_REFT_OFFSET_MASK)) {
+                continue;
+            }
+            memset(blk, 0, s->cluster_size);
+            for (uint64_t c = VIMG_MAX(a, r * s->rb_entries);
+                 c < end && c < (r + 1) * s->rb_entries; c++) {
+                qcow2_rb_set(s, blk, c % s->rb_entries, 1);
+            }
+            ret = vimg_file_pwrite(img->file, blk, s->cluster_size, next << s->cluster_bits);
+            if (ret < 0) {
+                goto io_fail;
+            }
+            nrt[r] = next << s->cluster_bits;
+            next++;
+        }
+    }
+    /* the area's clusters that fall in blocks that already exist */
+    for (uint64_t c = a; c < a + t + b; c++) {
+        uint64_t r = c / s->rb_entries;
+        if (r < s->rt_size && (s->rt[r] & QCOW2_REFT_OFFSET_MASK)) {
+            ret = qcow2_update_refcount(img, c << s->cluster_bits, 1, 1, err);
+            if (ret < 0) {
+                goto fail;
+            }
+        }
+    }
+    for (uint64_t i = 0; i < new_size; i++) {
+        nrt[i] = htobe64(nrt[i]);
+    }
+    ret = vimg_file_pwrite(img->file, nrt, new_size * 8, a << s->cluster_bits);
+    for (uint64_t i = 0; i < new_size; i++) {
+        nrt[i] = be64toh(nrt[i]);
+    }
+    if (ret < 0 || (ret = vimg_file_sync(img->file)) < 0) {
+        goto io_fail;
+    }
+    vimg_st_be64(hdr, a << s->cluster_bits);
+    vimg_st_be32(hdr + 8, (uint32_t)t);
+    ret = vimg_file_pwrite(img->file, hdr, 12, 48);
+    if (ret < 0 || (ret = vimg_file_sync(img->file)) < 0) {
+        goto io_fail;
+    }
+    free(s->rt);
+    s->rt = nrt;
+    s->rt_size = new_size;
+    s->rt_offset = a << s->cluster_bits;
+    s->rt_clusters = (uint32_t)t;
+    free(blk);
+    return qcow2_update_refcount(img, old_off, old_clusters * s->cluster_size, -1, err);
+io_fail:
+    qcow2_io_error(img, ret, "Could not grow the refcount table", err);
+fail:
+    free(nrt);
+    free(blk);
+    return ret;
+}
+
+static int qcow2_update_rc_once(struct vimg_image *img, uint64_t host_off, uint64_t len,
+                                int64_t delta, struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    uint64_t first = host_off >> s->cluster_bits;
+    uint64_t last, c;
+    int ret = 0;
+
+    if (!len) {
+        return 0;
+    }
+    last = (host_off + len - 1) >> s->cluster_bits;
+    for (c = first; c <= last; c++) {
+        uint64_t rt_idx = c / s->rb_entries, rb_off, v;
+        uint8_t *rb;
+
+        ret = qcow2_load_rb(img, rt_idx, &rb, &rb_off, err);
+        if (ret < 0) {
+            break;
+        }
+        if (!rb) {
+            if (delta < 0) {
+                vimg_error_set(err, EIO, "'%s': no refcount block for cluster %" PRIu64,
+                               img->filename, c);
+                ret = -EIO;
+                break;
+            }
+            ret = qcow2_alloc_rb(img, rt_idx, err);
+            break;
+        }
+        v = qcow2_rb_get(s, rb, c % s->rb_entries);
+        if ((delta < 0 && v < (uint64_t)-delta) ||
+            (delta > 0 && s->refcount_max - v < (uint64_t)delta)) {
+            vimg_error_set(err, EINVAL, "'%s': refcount of cluster %" PRIu64
+                           " would leave its range", img->filename, c);
+            ret = -EINVAL;
+            break;
+        }
+        v += (uint64_t)delta;
+        qcow2_rb_set(s, rb, c % s->rb_entries, v);
+        ret = qcow2_rb_write_entry(img, rb, rb_off, c % s->rb_entries, err);
+        if (ret < 0) {
+            break;
+        }
+        if (0 == v && c < s->free_hint) {
+            s->free_hint = c;
+        }
+    }
+    if (ret < 0 && c > first) {
+        /* undo what was done; errors here only leak */
+        struct vimg_error ign = { 0 };
+        qcow2_update_rc_once(img, first << s->cluster_bits,
+                             (c - first) << s->cluster_bits, -delta, &ign);
+    }
+    return ret;
+}
+
+int qcow2_update_refcount(struct vimg_image *img, uint64_t host_off, uint64_t len,
+                          int64_t delta, struct vimg_error *err)
+{
+    int ret;
+    do {
+        ret = qcow2_update_rc_once(img, host_off, len, delta, err);
+    } while (-EAGAIN == ret);
+    return ret;
+}
+
+int qcow2_alloc_clusters(struct vimg_image *img, uint64_t n, uint64_t *host_off,
+                         struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    uint64_t start;
+    int ret;
+
+    do {
+        ret = qcow2_alloc_noref(img, n, &start, err);
+        if (ret < 0) {
+            return ret;
+        }
+        ret = qcow2_update_rc_once(img, start << s->cluster_bits, n << s->cluster_bits, 1,
+                                   err);
+    } while (-EAGAIN == ret);
+    if (ret < 0) {
+        return ret;
+    }
+    *host_off = start << s->cluster_bits;
+    return 0;
+}
+
+int qcow2_alloc_bytes(struct vimg_image *img, uint64_t len, uint64_t *host_off,
+                      struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    int ret;
+
+    /* Pack into the cluster of the previous compressed write when it fits. */
+    if (s->free_byte_off && qcow2_offset_into_cluster(s, s->free_byte_off) &&
+        s->cluster_size - qcow2_offset_into_cluster(s, s->free_byte_off) >= len) {
+        ret = qcow2_update_refcount(img, s->free_byte_off, 1, 1, err);
+        if (ret < 0) {
+            return ret;
+        }
+        *host_off = s->free_byte_off;
+        s->free_byte_off += len;
+        return 0;
+    }
+    ret = qcow2_alloc_clusters(img, vimg_div_round_up(len, s->cluster_size), host_off, err);
+    if (ret < 0) {
+        return ret;
+    }
+    s->free_byte_off = *host_off + len;
+    return 0;
+}

@@ -1,0 +1,628 @@
+/*
+ * The copy engine (src/core/copy.c) end to end.
+ *
+ * Op-trace tests: the source and the target are raw images on a recording
+ * host file, which logs every pread, pwrite, zero, allocate and truncate.
+ * The sorted log is asserted exactly: holes and zero runs are never read,
+ * and never written as data.  The source layout (and what qemu-img convert
+ * makes of it with the default -S 4k: data at [64K,68K) and [200K,204K),
+ * holes elsewhere) is:
+ *   [64K,72K)   data extent: 4K of 0x11, then 4K of written zeros
+ *   [128K,136K) data extent: written zeros
+ *   [200K,204K) data extent: 0x22
+ *   everything else: holes
+ *
+ * Backend tests: the same copy between posix files with each async backend
+ * forced (VIMG_AIO=io_uring|libaio|threads), with copy offload, and with
+ * -S 0; the results must be the same byte for byte and extent for extent.
+ *
+ * Memory: a 1 TiB sparse source copies with a peak RSS far below its size.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include "core/copy.h"
+#include "core/image.h"
+#include "io/file.h"
+#include "vimg/vimg.h"
+
+#define KiB 1024ull
+#define MiB (1024ull * 1024)
+#define SRC_SIZE MiB
+
+/* ---- a recording host file ------------------------------------------------ */
+
+struct extent {
+    uint64_t off, len;
+};
+
+struct rec_file {
+    struct vimg_file base;
+    struct vimg_file *inner;
+    const struct extent *map;   /* data extents (sorted); NULL: all data */
+    size_t nmap;
+    char **log;
+    size_t nlog;
+};
+
+static void rec_log(struct rec_file *r, const char *op, uint64_t off, uint64_t len)
+{
+    char line[64];
+    snprintf(line, sizeof(line), "%s %llu %llu", op, (unsigned long long)off,
+             (unsigned long long)len);
+    r->log = realloc(r->log, (r->nlog + 1) * sizeof(*r->log));
+    assert_non_null(r->log);
+    r->log[r->nlog] = strdup(line);
+    assert_non_null(r->log[r->nlog]);
+    r->nlog++;
+}
+
+static int rec_pread(struct vimg_file *f, void *buf, size_t len, uint64_t off)
+{
+    struct rec_file *r = (struct rec_file *)f;
+    rec_log(r, "R", off, len);
+    return vimg_file_pread(r->inner, buf, len, off);
+}
+
+static int rec_pwrite(struct vimg_file *f, const void *buf, size_t len, uint64_t off)
+{
+    struct rec_file *r = (struct rec_file *)f;
+    rec_log(r, "W", off, len);
+    return vimg_file_pwrite(r->inner, buf, len, off);
+}
+
+static int64_t rec_size(struct vimg_file *f)
+{
+    return vimg_file_size(((struct rec_file *)f)->inner);
+}
+
+static int rec_truncate(struct vimg_file *f, uint64_t size)
+{
+    struct rec_file *r = (struct rec_file *)f;
+    rec_log(r, "T", size, 0);
+    return r->inner->ops->truncate(r->inner, size);
+}
+
+static int rec_allocate(struct vimg_file *f, uint64_t off, uint64_t len,
+                        enum vimg_alloc_mode mode)
+{
+    struct rec_file *r = (struct rec_file *)f;
+    rec_log(r, "A", off, len);
+    return r->inner->ops->allocate(r->inner, off, len, mode);
+}
+
+static int rec_zero(struct vimg_file *f, uint64_t off, uint64_t len, bool may_unmap)
+{
+    struct rec_file *r = (struct rec_file *)f;
+    rec_log(r, "Z", off, len);
+    return r->inner->ops->zero(r->inner, off, len, may_unmap);
+}
+
+static int rec_sync(struct vimg_file *f)
+{
+    return 0;
+}
+
+static int rec_extent(struct vimg_file *f, uint64_t off, uint64_t len, bool *is_data,
+                      uint64_t *run_len)
+{
+    struct rec_file *r = (struct rec_file *)f;
+    if (!r->map) {
+        *is_data = true;
+        *run_len = len;
+        return 0;
+    }
+    for (size_t i = 0; i < r->nmap; i++) {
+        const struct extent *e = &r->map[i];
+        if (off < e->off) {
+            *is_data = false;
+            *run_len = e->off - off < len ? e->off - off : len;
+            return 0;
+        }
+        if (off < e->off + e->len) {
+            *is_data = true;
+            *run_len = e->off + e->len - off < len ? e->off + e->len - off : len;
+            return 0;
+        }
+    }
+    *is_data = false;
+    *run_len = len;
+    return 0;
+}
+
+static void rec_close(struct vimg_file *f)
+{
+    struct rec_file *r = (struct rec_file *)f;
+    vimg_file_close(r->inner);
+    for (size_t i = 0; i < r->nlog; i++) {
+        free(r->log[i]);
+    }
+    free(r->log);
+}
+
+static const struct vimg_file_ops rec_ops = {
+    .pread = rec_pread,
+    .pwrite = rec_pwrite,
+    .size = rec_size,
+    .allocated = rec_size,
+    .truncate = rec_truncate,
+    .allocate = rec_allocate,
+    .zero = rec_zero,
+    .sync = rec_sync,
+    .extent = rec_extent,
+    .close = rec_close,
+};
+
+static struct rec_file *rec_new(const char *name, const void *data, size_t len,
+                                const struct extent *map, size_t nmap)
+{
+    struct rec_file *r = calloc(1, sizeof(*r));
+    assert_non_null(r);
+    assert_int_equal(0, vimg_file_open_mem(&r->inner, name, data, len, len, true));
+    r->base.ops = &rec_ops;
+    r->base.name = strdup(name);
+    r->base.fd = -1;
+    r->base.writable = true;
+    r->map = map;
+    r->nmap = nmap;
+    return r;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    const char *x = *(char *const *)a, *y = *(char *const *)b;
+    /* numeric order of "OP off len" lines: op first, then offset */
+    if (x[0] != y[0]) {
+        return x[0] - y[0];
+    }
+    unsigned long long ox = strtoull(x + 2, NULL, 10), oy = strtoull(y + 2, NULL, 10);
+    return ox < oy ? -1 : ox > oy;
+}
+
+static void assert_log(struct rec_file *r, const char *const *expect)
+{
+    size_t n = 0;
+    char buf[4096] = "";
+    qsort(r->log, r->nlog, sizeof(*r->log), cmp_str);
+    for (size_t i = 0; i < r->nlog; i++) {
+        strncat(buf, r->log[i], sizeof(buf) - strlen(buf) - 2);
+        strcat(buf, "\n");
+    }
+    while (expect[n]) {
+        n++;
+    }
+    if (n != r->nlog) {
+        fail_msg("'%s': %zu ops, expected %zu:\n%s", r->base.name, r->nlog, n, buf);
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (0 != strcmp(expect[i], r->log[i])) {
+            fail_msg("'%s': op %zu is '%s', expected '%s':\n%s", r->base.name, i, r->log[i],
+                     expect[i], buf);
+        }
+    }
+    for (size_t i = 0; i < r->nlog; i++) {
+        free(r->log[i]);
+    }
+    r->nlog = 0;
+}
+
+static const struct extent src_map[] = {
+    { 64 * KiB, 8 * KiB },
+    { 128 * KiB, 8 * KiB },
+    { 200 * KiB, 4 * KiB },
+};
+
+struct trace_env {
+    struct vimg_image *src, *dst;
+    struct rec_file *rsrc, *rdst;
+};
+
+static void trace_open(struct trace_env *e)
+{
+    uint8_t *data = calloc(1, SRC_SIZE);
+    assert_non_null(data);
+    memset(data + 64 * KiB, 0x11, 4 * KiB);
+    memset(data + 200 * KiB, 0x22, 4 * KiB);
+    e->rsrc = rec_new("src.img", data, SRC_SIZE, src_map, 3);
+    memset(data, 0, SRC_SIZE);
+    e->rdst = rec_new("dst.img", data, SRC_SIZE, NULL, 0);
+    free(data);
+    struct vimg_error err = { 0 };
+    assert_int_equal(0, vimg_internal_open_file(&e->src, &e->rsrc->base, "raw", 0, &err));
+    assert_int_equal(0, vimg_internal_open_file(&e->dst, &e->rdst->base, "raw",
+                                                VIMG_OPEN_RDWR, &err));
+}
+
+static void trace_close(struct trace_env *e)
+{
+    vimg_close(e->src);
+    vimg_close(e->dst);
+}
+
+static void trace_copy(struct trace_env *e, const struct vimg_copy_opts *o)
+{
+    struct vimg_error err = { 0 };
+    struct vimg_image *srcs[] = { e->src };
+    int ret = vimg_copy(srcs, 1, e->dst, o, &err);
+    if (ret < 0) {
+        fail_msg("vimg_copy: %s", err.msg);
+    }
+}
+
+static const char *const src_reads[] = {
+    "R 65536 8192", "R 131072 8192", "R 204800 4096", NULL,
+};
+
+static void test_trace_zero_init(void **state)
+{
+    struct trace_env e;
+    struct vimg_copy_opts o = { .sparse_size = 4096, .target_has_zero_init = true,
+                                .fresh_target = true };
+    trace_open(&e);
+    trace_copy(&e, &o);
+    assert_log(e.rsrc, src_reads);
+    static const char *const dst_ops[] = { "W 65536 4096", "W 204800 4096", NULL };
+    assert_log(e.rdst, dst_ops);
+    trace_close(&e);
+}
+
+static void test_trace_existing_target(void **state)
+{
+    /* -n without --target-is-zero: zero runs are zeroed (holes punched) */
+    struct trace_env e;
+    struct vimg_copy_opts o = { .sparse_size = 4096 };
+    trace_open(&e);
+    trace_copy(&e, &o);
+    assert_log(e.rsrc, src_reads);
+    static const char *const dst_ops[] = {
+        "W 65536 4096", "W 204800 4096",
+        "Z 0 65536", "Z 69632 4096", "Z 73728 57344", "Z 131072 8192", "Z 139264 61440",
+        "Z 208896 839680", NULL,
+    };
+    assert_log(e.rdst, dst_ops);
+    trace_close(&e);
+}
+
+static void test_trace_sparse_0(void **state)
+{
+    /* -S 0 writes everything, but still never reads a hole */
+    struct trace_env e;
+    struct vimg_copy_opts o = { .sparse_size = 0, .fresh_target = true };
+    trace_open(&e);
+    trace_copy(&e, &o);
+    assert_log(e.rsrc, src_reads);
+    static const char *const dst_ops[] = {
+        "W 0 65536", "W 65536 8192", "W 73728 57344", "W 131072 8192", "W 139264 61440",
+        "W 204800 4096", "W 208896 839680", NULL,
+    };
+    assert_log(e.rdst, dst_ops);
+    trace_close(&e);
+}
+
+static void test_trace_sparse_64k(void **state)
+{
+    /* -S 64k: the 4K zero tail of the first extent is written with its data */
+    struct trace_env e;
+    struct vimg_copy_opts o = { .sparse_size = 64 * KiB, .target_has_zero_init = true,
+                                .fresh_target = true };
+    trace_open(&e);
+    trace_copy(&e, &o);
+    assert_log(e.rsrc, src_reads);
+    static const char *const dst_ops[] = { "W 65536 8192", "W 204800 4096", NULL };
+    assert_log(e.rdst, dst_ops);
+    trace_close(&e);
+}
+
+static void trace_progress(void *opaque, float pct)
+{
+    float *last = opaque;
+    assert_true(pct >= *last);
+    *last = pct;
+}
+
+static void test_trace_progress(void **state)
+{
+    struct trace_env e;
+    float last = 0;
+    struct vimg_copy_opts o = { .sparse_size = 4096, .target_has_zero_init = true,
+                                .progress = trace_progress, .progress_opaque = &last };
+    trace_open(&e);
+    trace_copy(&e, &o);
+    assert_true(last > 99.99f && last < 100.01f);
+    trace_close(&e);
+}
+
+static void test_target_too_small(void **state)
+{
+    struct trace_env e;
+    struct vimg_copy_opts o = { .sparse_size = 4096 };
+    struct vimg_error err = { 0 };
+    trace_open(&e);
+    struct vimg_image *srcs[] = { e.src, e.src };
+    assert_int_equal(-EINVAL, vimg_copy(srcs, 2, e.dst, &o, &err));
+    assert_string_equal("output file is smaller than input file", err.msg);
+    trace_close(&e);
+}
+
+static void test_cancel(void **state)
+{
+    struct trace_env e;
+    volatile sig_atomic_t cancel = 1;
+    struct vimg_copy_opts o = { .sparse_size = 4096, .cancel = &cancel };
+    struct vimg_error err = { 0 };
+    trace_open(&e);
+    struct vimg_image *srcs[] = { e.src };
+    assert_int_equal(-ECANCELED, vimg_copy(srcs, 1, e.dst, &o, &err));
+    /* nothing was read or written after the cancel */
+    static const char *const none[] = { NULL };
+    assert_log(e.rdst, none);
+    trace_close(&e);
+}
+
+/* ---- posix files, every backend ------------------------------------------- */
+
+static char tmpdir[PATH_MAX - 64];
+
+static int group_setup(void **state)
+{
+    const char *base = getenv("VIMG_TEST_TMP");
+    if (!base || !*base) {
+        base = "/tmp";
+    }
+    mkdir(base, 0755);
+    snprintf(tmpdir, sizeof(tmpdir), "%s/test_copy_engine.XXXXXX", base);
+    return mkdtemp(tmpdir) ? 0 : -1;
+}
+
+static int group_teardown(void **state)
+{
+    char cmd[PATH_MAX + 16];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+#define POSIX_SIZE (24 * MiB + 1536)   /* not a multiple of 4K on purpose */
+
+/* Data with holes, written zeros and an unaligned tail. */
+static void make_source(const char *path)
+{
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    uint8_t *buf = malloc(4 * MiB);
+    assert_true(fd >= 0);
+    assert_non_null(buf);
+    assert_int_equal(0, ftruncate(fd, POSIX_SIZE));
+    for (size_t i = 0; i < 4 * MiB; i++) {
+        buf[i] = (uint8_t)(i * 7 + i / 4096);
+    }
+    assert_int_equal(4 * MiB, pwrite(fd, buf, 4 * MiB, 1 * MiB));      /* dense */
+    memset(buf, 0, 64 * KiB);
+    assert_int_equal(64 * KiB, pwrite(fd, buf, 64 * KiB, 8 * MiB));   /* zeros */
+    memset(buf + 4 * KiB, 0x5a, 512);
+    assert_int_equal(64 * KiB, pwrite(fd, buf, 64 * KiB, 12 * MiB));  /* one sector */
+    memset(buf, 0x77, 1536);
+    assert_int_equal(1536, pwrite(fd, buf, 1536, 24 * MiB));           /* tail */
+    close(fd);
+    free(buf);
+}
+
+static void posix_copy(const char *src_path, const char *dst_path,
+                       const struct vimg_copy_opts *o)
+{
+    struct vimg_error err = { 0 };
+    struct vimg_opts *opts = vimg_opts_new();
+    struct vimg_image *src, *dst;
+    char size[32];
+
+    unlink(dst_path);
+    snprintf(size, sizeof(size), "%llu", (unsigned long long)POSIX_SIZE);
+    vimg_opts_set(opts, "size", size);
+    assert_int_equal(0, vimg_create(dst_path, "raw", opts, &err));
+    vimg_opts_free(opts);
+    assert_int_equal(0, vimg_open(&src, src_path, "raw", 0, NULL, &err));
+    assert_int_equal(0, vimg_open(&dst, dst_path, "raw", VIMG_OPEN_RDWR, NULL, &err));
+    struct vimg_image *srcs[] = { src };
+    if (vimg_copy(srcs, 1, dst, o, &err) < 0) {
+        fail_msg("vimg_copy: %s", err.msg);
+    }
+    vimg_close(src);
+    vimg_close(dst);
+}
+
+static void assert_same_content(const char *a, const char *b)
+{
+    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+    assert_non_null(fa);
+    assert_non_null(fb);
+    static uint8_t x[65536], y[65536];
+    for (;;) {
+        size_t na = fread(x, 1, sizeof(x), fa), nb = fread(y, 1, sizeof(y), fb);
+        /* a raw target is rounded up to whole sectors: extra bytes are zero */
+        size_t n = na < nb ? na : nb;
+        assert_memory_equal(x, y, n);
+        for (size_t i = n; i < nb; i++) {
+            assert_int_equal(0, y[i]);
+        }
+        if (!na || !nb) {
+            break;
+        }
+    }
+    fclose(fa);
+    fclose(fb);
+}
+
+/* The data extents of a file as text ("off+len ..."). */
+static void data_map(const char *path, char *out, size_t outlen)
+{
+    int fd = open(path, O_RDONLY);
+    off_t size, off = 0;
+    assert_true(fd >= 0);
+    size = lseek(fd, 0, SEEK_END);
+    out[0] = 0;
+    while (off < size) {
+        off_t d = lseek(fd, off, SEEK_DATA);
+        if (d < 0) {
+            break;
+        }
+        off_t h = lseek(fd, d, SEEK_HOLE);
+        char item[64];
+        snprintf(item, sizeof(item), "%lld+%lld ", (long long)d, (long long)(h - d));
+        strncat(out, item, outlen - strlen(out) - 1);
+        off = h;
+    }
+    close(fd);
+}
+
+static const char *backend_env[] = { "io_uring", "libaio", "threads" };
+
+static void test_backends_same_result(void **state)
+{
+    char src[PATH_MAX], dst[PATH_MAX], ref_map[4096] = "", map[4096];
+    struct vimg_copy_opts o = { .sparse_size = 4096, .target_has_zero_init = true,
+                                .fresh_target = true, .queue_depth = 4,
+                                .buf_size = 1 * MiB };
+    snprintf(src, sizeof(src), "%s/src.img", tmpdir);
+    make_source(src);
+    for (size_t i = 0; i < 3; i++) {
+        struct vimg_aio *aio;
+        setenv("VIMG_AIO", backend_env[i], 1);
+        if (vimg_aio_new(&aio, VIMG_AIO_AUTO, 4) < 0) {
+            print_message("backend %s unavailable here: not tested\n", backend_env[i]);
+            continue;
+        }
+        vimg_aio_free(aio);
+        snprintf(dst, sizeof(dst), "%s/dst-%s.img", tmpdir, backend_env[i]);
+        posix_copy(src, dst, &o);
+        assert_string_equal(backend_env[i], vimg_internal_copy_backend());
+        assert_same_content(src, dst);
+        data_map(dst, map, sizeof(map));
+        if (!ref_map[0]) {
+            strcpy(ref_map, map);
+        }
+        assert_string_equal(ref_map, map);
+    }
+    unsetenv("VIMG_AIO");
+    /* the written zeros at 8M and the zero sectors around 12M+4K are holes;
+     * what qemu-img makes of the same source */
+    assert_non_null(strstr(ref_map, "1048576+4194304 "));
+    assert_null(strstr(ref_map, "8388608+"));
+}
+
+static void test_direct_io(void **state)
+{
+    char src[PATH_MAX], dst[PATH_MAX];
+    struct vimg_copy_opts o = { .sparse_size = 4096, .target_has_zero_init = true,
+                                .fresh_target = true, .src_direct = true,
+                                .dst_direct = true };
+    snprintf(src, sizeof(src), "%s/src-direct.img", tmpdir);
+    snprintf(dst, sizeof(dst), "%s/dst-direct.img", tmpdir);
+    make_source(src);
+    posix_copy(src, dst, &o);
+    assert_same_content(src, dst);
+}
+
+static void test_copy_range_and_sparse_0(void **state)
+{
+    char src[PATH_MAX], dst[PATH_MAX];
+    struct vimg_copy_opts o = { .sparse_size = 4096, .target_has_zero_init = true,
+                                .fresh_target = true, .copy_range = true };
+    snprintf(src, sizeof(src), "%s/src-cr.img", tmpdir);
+    snprintf(dst, sizeof(dst), "%s/dst-cr.img", tmpdir);
+    make_source(src);
+    posix_copy(src, dst, &o);
+    assert_same_content(src, dst);
+    o.copy_range = false;
+    o.sparse_size = 0;
+    o.target_has_zero_init = false;
+    posix_copy(src, dst, &o);
+    assert_same_content(src, dst);
+    struct stat st;
+    assert_int_equal(0, stat(dst, &st));
+    /* -S 0 allocates everything */
+    assert_true((uint64_t)st.st_blocks * 512 >= POSIX_SIZE - 4096);
+}
+
+static long max_rss_kib(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_maxrss;
+}
+
+static void test_1tib_sparse_bounded_memory(void **state)
+{
+    char src[PATH_MAX], dst[PATH_MAX];
+    const uint64_t size = 1024ull * 1024 * MiB;
+    static uint8_t blk[MiB];
+    struct vimg_error err = { 0 };
+    struct vimg_copy_opts o = { .sparse_size = 4096, .target_has_zero_init = true,
+                                .fresh_target = true };
+    snprintf(src, sizeof(src), "%s/tib.img", tmpdir);
+    snprintf(dst, sizeof(dst), "%s/tib-out.img", tmpdir);
+    int fd = open(src, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    assert_true(fd >= 0);
+    if (ftruncate(fd, (off_t)size) < 0) {
+        close(fd);
+        skip();
+    }
+    memset(blk, 0xab, sizeof(blk));
+    for (uint64_t off = 0; off < size; off += size / 4) {
+        assert_int_equal(sizeof(blk), pwrite(fd, blk, sizeof(blk), (off_t)(off + 7 * MiB)));
+    }
+    close(fd);
+    long before = max_rss_kib();
+    struct vimg_opts *opts = vimg_opts_new();
+    vimg_opts_set(opts, "size", "1T");
+    assert_int_equal(0, vimg_create(dst, "raw", opts, &err));
+    vimg_opts_free(opts);
+    struct vimg_image *s, *d;
+    assert_int_equal(0, vimg_open(&s, src, "raw", 0, NULL, &err));
+    assert_int_equal(0, vimg_open(&d, dst, "raw", VIMG_OPEN_RDWR, NULL, &err));
+    struct vimg_image *srcs[] = { s };
+    assert_int_equal(0, vimg_copy(srcs, 1, d, &o, &err));
+    vimg_close(s);
+    vimg_close(d);
+    long grew = max_rss_kib() - before;
+    /* the bound of docs/performance.md: queue depth x 2 MiB buffers (32 MiB
+     * by default) plus a fixed few hundred KiB; nothing per byte of image */
+    print_message("peak RSS grew by %ld KiB for a 1 TiB source\n", grew);
+    assert_true(grew < 40 * 1024);
+    struct stat st;
+    assert_int_equal(0, stat(dst, &st));
+    assert_int_equal(size, st.st_size);
+    assert_true(st.st_blocks * 512 < 64 * MiB);
+    unlink(src);
+    unlink(dst);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_trace_zero_init),
+        cmocka_unit_test(test_trace_existing_target),
+        cmocka_unit_test(test_trace_sparse_0),
+        cmocka_unit_test(test_trace_sparse_64k),
+        cmocka_unit_test(test_trace_progress),
+        cmocka_unit_test(test_target_too_small),
+        cmocka_unit_test(test_cancel),
+        cmocka_unit_test(test_backends_same_result),
+        cmocka_unit_test(test_direct_io),
+        cmocka_unit_test(test_copy_range_and_sparse_0),
+        cmocka_unit_test(test_1tib_sparse_bounded_memory),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
