@@ -46,8 +46,9 @@ export LC_ALL=C
 # (the mk_* helpers build the data as raw and convert it with the reference
 # qemu-img when the format is not raw).
 # Note: qemu-img convert's default target cache mode is "unsafe" (it never
-# flushes the output), vimg always fdatasyncs it; the -t writeback row makes
-# qemu-img flush too, so it compares the copy engines at equal durability.
+# flushes the output) while vimg flushes a new target unless -t unsafe is
+# given; the -t writeback rows (both flush) and -t unsafe rows (neither
+# does) compare the copy engines at equal durability.
 # ---------------------------------------------------------------------------
 WORKLOADS=(
     "convert-raw-1T-sparse        | mk_sparse raw 1T     | convert -f raw -O raw @SRC@ @OUT@    | compare:raw"
@@ -55,6 +56,7 @@ WORKLOADS=(
     "measure-raw-1T-sparse        | mk_sparse raw 1T     | measure -f raw -O raw @SRC@          | stdout"
     "convert-raw-1G-dense         | mk_dense raw 1G      | convert -f raw -O raw @SRC@ @OUT@    | compare:raw"
     "convert-raw-1G-dense-t-writeback | mk_dense raw 1G  | convert -t writeback -f raw -O raw @SRC@ @OUT@ | compare:raw"
+    "convert-raw-1G-dense-t-unsafe | mk_dense raw 1G     | convert -t unsafe -f raw -O raw @SRC@ @OUT@ | compare:raw"
     "convert-raw-1G-zeros-written | mk_zeros raw 1G      | convert -f raw -O raw @SRC@ @OUT@    | compare:raw"
     "convert-raw-1G-mixed         | mk_mixed raw 1G      | convert -f raw -O raw @SRC@ @OUT@    | compare:raw"
     "compare-raw-1G-dense         | mk_dense_pair raw 1G | compare -f raw -F raw @SRC@ @SRC2@   | stdout"
@@ -256,6 +258,15 @@ mib() { if [[ $1 == - ]]; then echo -; else awk -v k="$1" 'BEGIN { printf "%.1f"
 alloc_mib() { awk -v b="$(stat -c %b "$1")" -v s="$(stat -c %B "$1")" \
     'BEGIN { printf "%.1f", b * s / 1048576 }'; }
 
+# Bench a private copy of vimg, so that a rebuild during the run (other
+# people work in the same tree) cannot swap the binary under us.
+VIMG_ORIG=$VIMG
+VIMG_SUM=$(sha256sum "$VIMG" | cut -c1-12)
+cp "$VIMG" "$SCRATCH/vimg"
+if "$SCRATCH/vimg" --version >/dev/null 2>&1; then
+    VIMG=$SCRATCH/vimg
+fi
+
 # Cost of the wrappers alone, and page the binaries and libraries in.
 W=$SCRATCH
 "$QEMU_IMG" --version >/dev/null
@@ -267,8 +278,11 @@ HARNESS_US=$(median_us "${h[@]}")
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, scratch $BASE" \
      "($(findmnt -n -o FSTYPE -T "$BASE" 2>/dev/null || stat -f -c %T "$BASE")), median of $REPEATS after $WARMUPS warm-up, $( ((DROP)) && echo cold || echo warm) cache," \
      "harness $(secs "$HARNESS_US") s/run"
+read -r LOAD1 _ </proc/loadavg
+echo "# load average $LOAD1 at start$(awk -v l="$LOAD1" -v n="$(nproc)" \
+    'BEGIN { if (l > n / 2) printf " (BUSY MACHINE: times are unreliable)" }')"
 echo "# qemu-img: $("$QEMU_IMG" --version | head -n1)"
-echo "# vimg:     $VIMG ($("$VIMG" --version | head -n1))"
+echo "# vimg:     $VIMG_ORIG ($("$VIMG" --version | head -n1), sha256 $VIMG_SUM...)"
 
 COLS=(workload "qemu-img s" "vimg s" "qemu/vimg" "qemu RSS MiB" "vimg RSS MiB" "check")
 ROWS=()
@@ -388,6 +402,8 @@ for row in "${WORKLOADS[@]}"; do
 done
 
 ((ran)) || die "no workload matches '$PATTERN' (see -l)"
+read -r LOAD1 _ </proc/loadavg
+echo "# load average $LOAD1 at the end"
 echo
 print_header
 for row in "${ROWS[@]}"; do

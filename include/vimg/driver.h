@@ -111,6 +111,10 @@ struct vimg_check_result {
     uint64_t total_clusters, allocated_clusters, fragmented_clusters,
              compressed_clusters;
     bool has_stats;
+    /* Per-item lines qemu's driver prints to stderr during the check
+     * ("Leaked cluster ...", "ERROR ..."), each ending in '\n'; malloc'ed
+     * by the driver, printed and freed by the caller.  NULL: none. */
+    char *log;
 };
 
 /* ---- measure -------------------------------------------------------------- */

@@ -155,6 +155,29 @@ int cmd_check(int argc, char **argv)
     struct vimg_check_result r = { 0 };
     struct vimg_error err = { 0 };
     int ret = img->drv->check(img, &r, fix, &err);
+    if (r.log) {
+        fputs(r.log, stderr);
+        free(r.log);
+        r.log = NULL;
+    }
+    if (ret >= 0 && (r.corruptions_fixed || r.leaks_fixed)) {
+        /* as qemu-img: report the repair, then check the result again */
+        int cfixed = r.corruptions_fixed, lfixed = r.leaks_fixed;
+        if (!quiet && CLI_OUT_HUMAN == ofmt) {
+            printf("The following inconsistencies were found and repaired:\n\n"
+                   "    %d leaked clusters\n    %d corruptions\n\n"
+                   "Double checking the fixed image now...\n", lfixed, cfixed);
+        }
+        memset(&r, 0, sizeof(r));
+        ret = img->drv->check(img, &r, 0, &err);
+        if (r.log) {
+            fputs(r.log, stderr);
+            free(r.log);
+            r.log = NULL;
+        }
+        r.corruptions_fixed = cfixed;
+        r.leaks_fixed = lfixed;
+    }
     if (-ENOTSUP == ret) {
         /* qemu: a driver that cannot repair answers like one without check */
         cli_report("This image format does not support checks");
@@ -179,6 +202,7 @@ int cmd_check(int argc, char **argv)
     }
     vimg_close(img);
     if (r.check_errors) {
+        cli_report("Check failed");
         return 1;
     }
     return r.corruptions ? 2 : r.leaks ? 3 : 0;

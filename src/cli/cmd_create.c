@@ -164,14 +164,24 @@ static int cli_create_check_backing(const char *filename, struct vimg_opts *opts
     }
     ret = vimg_open(&b, full ? full : backing, bfmt, VIMG_OPEN_NO_IO | VIMG_OPEN_FORCE_SHARE,
                     NULL, err);
-    free(full);
     if (ret < 0) {
-        vimg_error_prefix(err, "%s", "");
-        snprintf(prefix, sizeof(prefix), "%s\nCould not open backing image.", err->msg);
+        /* bdrv_img_create shows the driver's message without the "Could
+         * not open" that vimg_open puts in front (a missing file keeps the
+         * one its own message starts with) */
+        const char *m = err->msg;
+        char once[4200];
+        size_t n = (size_t)snprintf(once, sizeof(once), "Could not open '%s': ",
+                                    full ? full : backing);
+        if (0 == strncmp(m, once, n)) {
+            m += n;
+        }
+        snprintf(prefix, sizeof(prefix), "%s\nCould not open backing image.", m);
+        free(full);
         vimg_error_clear(err);
         vimg_error_set(err, -ret, "%s", prefix);
         return ret;
     }
+    free(full);
     if (!bfmt) {
         snprintf(prefix, sizeof(prefix), "%s: %s: Backing file specified without backing "
                  "format\nDetected format of %s.", cli_progname, filename, vimg_format(b));
@@ -265,10 +275,13 @@ int cli_create_image(const char *filename, const char *fmt, const char *options,
         fflush(stdout);
     }
     ret = vimg_create(filename, fmt, opts, &err);
+    const struct vimg_opt_desc *c;
     if (-EFBIG == ret) {
         vimg_error_clear(&err);
         vimg_error_set(&err, EFBIG, "The image size is too large for file format '%s'%s", fmt,
-                       vimg_opts_get(opts, "cluster_size")
+                       (vimg_opts_get(opts, "cluster_size") ||
+                        ((c = vimg_internal_opt_find(table, "cluster_size")) && c->def_print &&
+                         strcmp(c->def_print, "0")))
                            ? " (try using a larger cluster size)" : "");
     }
     if (ret < 0) {

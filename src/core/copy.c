@@ -3,6 +3,7 @@
 #include <inttypes.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -741,6 +742,7 @@ static bool job_cancelled(struct copy_job *j)
     return false;
 }
 
+static unsigned o_depth_env;
 static int job_setup(struct copy_job *j)
 {
     struct vimg_image *dst = j->dst;
@@ -748,8 +750,14 @@ static int job_setup(struct copy_job *j)
     int ret;
 
     j->buf_size = o->buf_size ? o->buf_size : DEFAULT_BUF;
+    if (getenv("VIMG_COPY_DEPTH")) {
+        o_depth_env = (unsigned)atoi(getenv("VIMG_COPY_DEPTH"));
+    }
     j->buf_size = VIMG_MAX(vimg_align_down(j->buf_size, DIRECT_ALIGN), DIRECT_ALIGN);
     j->depth = o->queue_depth ? VIMG_MIN(o->queue_depth, MAX_DEPTH) : DEFAULT_DEPTH;
+    if (o_depth_env) {
+        j->depth = VIMG_MIN(o_depth_env, MAX_DEPTH);
+    }
 
     if (dst->drv->data_only && dst->file->fd >= 0) {
         j->mode = DST_RAW_AIO;
@@ -864,6 +872,201 @@ static int job_read_concat(struct copy_job *j, uint8_t *buf, uint64_t len, uint6
     return 0;
 }
 
+/*
+ * Parallel compression: a batch of clusters is read, compressed by a pool
+ * of worker threads (one per core, the main thread included) through the
+ * driver's thread-safe compress_cluster, and written in guest order by the
+ * main thread through write_compressed_data.
+ */
+#define COMPRESS_BATCH_MAX (32 * 1024 * 1024)
+
+struct cpool {
+    struct copy_job *job;
+    pthread_mutex_t lock;
+    pthread_cond_t work, done;
+    pthread_t *threads;
+    unsigned nthreads;
+    unsigned generation;        /* bumped for every batch */
+    bool stop;
+    /* the batch */
+    const uint8_t *in;
+    uint8_t *out;
+    long *res;                  /* per cluster: length, 0 all zero, -errno */
+    uint64_t cluster, len, nclusters;
+    uint64_t next;              /* next cluster to take */
+    uint64_t finished;
+    int ret;
+};
+
+static void cpool_run(struct cpool *p)
+{
+    struct vimg_image *dst = p->job->dst;
+    for (;;) {
+        uint64_t i;
+        pthread_mutex_lock(&p->lock);
+        i = p->next < p->nclusters ? p->next++ : UINT64_MAX;
+        pthread_mutex_unlock(&p->lock);
+        if (UINT64_MAX == i) {
+            return;
+        }
+        uint64_t off = i * p->cluster;
+        size_t clen = (size_t)VIMG_MIN(p->cluster, p->len - off);
+        long r = 0;
+        if (!vimg_is_zero(p->in + off, clen)) {
+            struct vimg_error e = { 0 };
+            r = dst->drv->compress_cluster(dst, p->out + off, (size_t)p->cluster,
+                                           p->in + off, clen, &e);
+            if (0 == r) {
+                r = -EIO;
+                vimg_error_set(&e, EIO, "'%s': compression produced nothing",
+                               dst->filename);
+            }
+            if (r < 0 && -ENOSPC != r) {
+                pthread_mutex_lock(&p->lock);
+                vimg_error_set(p->job->err, e.code ? e.code : (int)-r, "%s",
+                               e.code ? e.msg : strerror((int)-r));
+                pthread_mutex_unlock(&p->lock);
+            }
+        }
+        pthread_mutex_lock(&p->lock);
+        p->res[i] = r;
+        if (++p->finished == p->nclusters) {
+            pthread_cond_broadcast(&p->done);
+        }
+        pthread_mutex_unlock(&p->lock);
+    }
+}
+
+static void *cpool_worker(void *opaque)
+{
+    struct cpool *p = opaque;
+    unsigned seen = 0;
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        while (!p->stop && seen == p->generation) {
+            pthread_cond_wait(&p->work, &p->lock);
+        }
+        if (p->stop) {
+            break;
+        }
+        seen = p->generation;
+        pthread_mutex_unlock(&p->lock);
+        cpool_run(p);
+        pthread_mutex_lock(&p->lock);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+static void cpool_batch(struct cpool *p)
+{
+    pthread_mutex_lock(&p->lock);
+    p->next = p->finished = 0;
+    p->generation++;
+    pthread_cond_broadcast(&p->work);
+    pthread_mutex_unlock(&p->lock);
+    cpool_run(p);
+    pthread_mutex_lock(&p->lock);
+    while (p->finished < p->nclusters) {
+        pthread_cond_wait(&p->done, &p->lock);
+    }
+    pthread_mutex_unlock(&p->lock);
+}
+
+static int job_compressed_parallel(struct copy_job *j, uint64_t total, uint64_t cluster)
+{
+    struct vimg_image *dst = j->dst;
+    struct cpool p = { .job = j, .cluster = cluster };
+    unsigned nthreads = j->o->threads;
+    uint8_t *in = NULL, *out = NULL;
+    long *res = NULL;
+    int ret = 0;
+
+    if (!nthreads) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        nthreads = n > 0 ? (unsigned)VIMG_MIN(n, 64) : 1;
+    }
+    uint64_t batch = VIMG_MAX(cluster, vimg_align_down(VIMG_MIN(
+        (uint64_t)COMPRESS_BATCH_MAX, VIMG_MAX(j->buf_size, (uint64_t)nthreads * 8 * cluster)),
+        cluster));
+    uint64_t nres = batch / cluster;
+    in = malloc((size_t)batch);
+    out = malloc((size_t)batch);
+    res = calloc((size_t)nres, sizeof(*res));
+    p.threads = calloc(nthreads, sizeof(*p.threads));
+    if (!in || !out || !res || !p.threads) {
+        vimg_error_set(j->err, ENOMEM, "out of memory");
+        ret = job_fail(j, -ENOMEM);
+        goto out;
+    }
+    pthread_mutex_init(&p.lock, NULL);
+    pthread_cond_init(&p.work, NULL);
+    pthread_cond_init(&p.done, NULL);
+    /* the main thread is one of the workers */
+    for (unsigned i = 1; i < nthreads; i++) {
+        if (pthread_create(&p.threads[p.nthreads], NULL, cpool_worker, &p)) {
+            break;
+        }
+        p.nthreads++;
+    }
+    j->allocated_total = total;
+    for (uint64_t off = 0; off < total && j->ret >= 0;) {
+        if (job_cancelled(j)) {
+            break;
+        }
+        uint64_t n = VIMG_MIN(batch, total - off);
+        if (job_read_concat(j, in, n, off) < 0) {
+            break;
+        }
+        p.in = in;
+        p.out = out;
+        p.res = res;
+        p.len = n;
+        p.nclusters = vimg_div_round_up(n, cluster);
+        cpool_batch(&p);
+        for (uint64_t i = 0; i < p.nclusters && j->ret >= 0; i++) {
+            uint64_t c = i * cluster;
+            size_t clen = (size_t)VIMG_MIN(cluster, n - c);
+            if (res[i] < 0 && -ENOSPC != res[i]) {
+                job_fail(j, (int)res[i]);
+            } else if (0 == res[i]) {
+                if (!j->o->target_has_zero_init &&
+                    (ret = vimg_write_zeroes(dst, off + c, clen, 0, j->err)) < 0) {
+                    job_fail(j, ret);
+                }
+            } else if (-ENOSPC == res[i]) {
+                /* incompressible: stored plainly, as qemu does */
+                if ((ret = vimg_pwrite(dst, in + c, clen, off + c, j->err)) < 0) {
+                    job_fail(j, ret);
+                }
+            } else if ((ret = dst->drv->write_compressed_data(dst, out + c, (size_t)res[i],
+                                                              clen, off + c, j->err)) < 0) {
+                job_fail(j, ret);
+            }
+        }
+        off += n;
+        if (j->ret >= 0) {
+            job_progress(j, n);
+        }
+    }
+    pthread_mutex_lock(&p.lock);
+    p.stop = true;
+    pthread_cond_broadcast(&p.work);
+    pthread_mutex_unlock(&p.lock);
+    for (unsigned i = 0; i < p.nthreads; i++) {
+        pthread_join(p.threads[i], NULL);
+    }
+    pthread_mutex_destroy(&p.lock);
+    pthread_cond_destroy(&p.work);
+    pthread_cond_destroy(&p.done);
+out:
+    free(in);
+    free(out);
+    free(res);
+    free(p.threads);
+    return j->ret;
+}
+
 static int job_compressed(struct copy_job *j, uint64_t total)
 {
     struct vimg_image *dst = j->dst;
@@ -877,6 +1080,9 @@ static int job_compressed(struct copy_job *j, uint64_t total)
     if (0 == cluster || cluster > j->buf_size) {
         vimg_error_set(j->err, EINVAL, "invalid cluster size");
         return job_fail(j, -EINVAL);
+    }
+    if (dst->drv->compress_cluster && dst->drv->write_compressed_data) {
+        return job_compressed_parallel(j, total, cluster);
     }
     uint64_t chunk = vimg_align_down(j->buf_size, cluster);
     uint8_t *buf = j->slots[0].buf;

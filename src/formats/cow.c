@@ -100,8 +100,11 @@ static const char *cow_check_candidate(const uint8_t *buf, struct cow_layout *l,
         return "the sector size is not a power of two from 512 to 65536";
     }
     if (COW_V3 == l->variant || COW_V3_BROKEN == l->variant) {
-        if (0 == l->alignment || l->alignment > COW_MAX_ALIGN) {
-            return "the alignment is 0 or larger than 1 MiB";
+        /* UML writes its page size; anything but a power of two from a
+         * sector to 1 MiB is a misread field */
+        if (l->alignment < 512 || l->alignment > COW_MAX_ALIGN ||
+            !vimg_is_pow2(l->alignment)) {
+            return "the alignment is not a power of two from 512 to 1 MiB";
         }
         l->bitmap_off = vimg_div_round_up(header_len, l->alignment) * l->alignment;
         end = l->bitmap_off + cow_bitmap_bytes(l->size);
@@ -200,7 +203,13 @@ int vimg_internal_cow_parse(const uint8_t *buf, uint64_t file_size,
     }
 
     for (int i = 0; i < n; i++) {
-        reason[i] = cow_check_candidate(buf, &c[i], hlen[i]);
+        reason[i] = file_size < hlen[i] ? "the file is shorter than the header"
+                                        : cow_check_candidate(buf, &c[i], hlen[i]);
+        if (!reason[i] && (COW_V3 == c[i].variant || COW_V3_BROKEN == c[i].variant) &&
+            file_size < c[i].bitmap_off) {
+            /* UML extends a new file over its whole data area */
+            reason[i] = "the file ends before the bitmap";
+        }
         if (!reason[i] && COW_V3 == c[i].variant && 0 != vimg_ld_be32(buf + 28)) {
             reason[i] = "unknown cow_format (only 0, the bitmap, exists)";
         }
@@ -209,9 +218,6 @@ int vimg_internal_cow_parse(const uint8_t *buf, uint64_t file_size,
         }
         if (!reason[i] && COW_V2_QEMU64 == c[i].variant && 0 != vimg_ld_be32(buf + 1036)) {
             reason[i] = "the padding after mtime is not zero";
-        }
-        if (!reason[i] && COW_V2_LINUX == c[i].variant && file_size < c[i].bitmap_off) {
-            reason[i] = "the file is shorter than the header";
         }
         if (!reason[i] && (COW_V2_QEMU64 == c[i].variant || COW_V2_QEMU32 == c[i].variant) &&
             file_size < c[i].bitmap_off + cow_bitmap_bytes(c[i].size)) {
@@ -410,7 +416,11 @@ static int cow_check_backing(struct vimg_image *img, struct vimg_error *err)
             snprintf(s->mismatch_msg, sizeof(s->mismatch_msg),
                      "Size mismatch (%" PRIu64 " vs %" PRIu64 ") of COW header vs backing "
                      "file", s->l.size, vimg_size(b));
-        } else if (b && s->l.mtime && b->file->fd >= 0 && 0 == fstat(b->file->fd, &st) &&
+        } else if (s->l.mtime &&
+                   ((b && b->file->fd >= 0 && 0 == fstat(b->file->fd, &st)) ||
+                    /* not opened (NO_BACKING): UML's names are absolute */
+                    (!b && img->backing_name && '/' == img->backing_name[0] &&
+                     0 == stat(img->backing_name, &st))) &&
                    (uint32_t)st.st_mtime != s->l.mtime) {
             s->backing_mismatch = -EINVAL;
             snprintf(s->mismatch_msg, sizeof(s->mismatch_msg),
@@ -420,7 +430,8 @@ static int cow_check_backing(struct vimg_image *img, struct vimg_error *err)
     }
     if (s->backing_mismatch) {
         vimg_error_set(err, -s->backing_mismatch, "'%s': %s '%s'; refusing to write",
-                       img->filename, s->mismatch_msg, b ? b->filename : "");
+                       img->filename, s->mismatch_msg,
+                       b ? b->filename : img->backing_name ? img->backing_name : "");
     }
     return s->backing_mismatch;
 }

@@ -143,6 +143,63 @@ void qcow2_compressed_range(const struct qcow2_state *s, uint64_t entry,
     *nbytes = nsec * 512 - (off & 511);
 }
 
+/* qemu's guess that the image was made with preallocation=metadata: far
+ * more clusters are in use than the file really has allocated.  Then data
+ * runs are also looked up in the host file, whose holes read as zeros. */
+static bool qcow2_prealloc_detected(struct vimg_image *img)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    struct vimg_error ign = { 0 };
+    int64_t flen, alloc;
+    uint64_t threshold, count = 0, real;
+
+    if (s->prealloc_checked) {
+        return s->prealloc_meta;
+    }
+    s->prealloc_checked = true;
+    flen = vimg_file_size(img->file);
+    alloc = img->file->ops->allocated(img->file);
+    if (flen < 0 || alloc < 0) {
+        return false;
+    }
+    real = (uint64_t)alloc / s->cluster_size;
+    threshold = VIMG_MAX(real * 10 / 9, real + 2);
+    for (uint64_t i = 0; i < vimg_div_round_up((uint64_t)flen, s->cluster_size) &&
+                         count < threshold; i++) {
+        uint64_t rc;
+        if (qcow2_get_refcount(img, i, &rc, &ign) < 0) {
+            return false;
+        }
+        count += !!rc;
+    }
+    s->prealloc_meta = count >= threshold;
+    return s->prealloc_meta;
+}
+
+static void qcow2_recurse_host(struct qcow2_state *s, struct vimg_run *run)
+{
+    int64_t fsize = vimg_file_size(run->host);
+    bool is_data;
+    uint64_t n;
+
+    if (fsize < 0) {
+        return;
+    }
+    if (run->host_off >= (uint64_t)fsize) {
+        run->flags |= VIMG_RUN_ZERO;
+        return;
+    }
+    if (run->host->ops->extent(run->host, run->host_off,
+                               VIMG_MIN(run->length, (uint64_t)fsize - run->host_off),
+                               &is_data, &n) < 0 || 0 == n) {
+        return;
+    }
+    run->length = VIMG_MIN(run->length, n);
+    if (!is_data) {
+        run->flags |= VIMG_RUN_ZERO;
+    }
+}
+
 int qcow2_block_status(struct vimg_image *img, uint64_t offset, uint64_t max_len,
                        struct vimg_run *run, struct vimg_error *err)
 {
@@ -263,6 +320,9 @@ int qcow2_block_status(struct vimg_image *img, uint64_t offset, uint64_t max_len
         run->flags = VIMG_RUN_DATA | VIMG_RUN_ALLOCATED | VIMG_RUN_HOST_VALID;
         run->host = s->data_file;
         run->host_off = host + qcow2_offset_into_cluster(s, offset);
+        if (qcow2_prealloc_detected(img)) {
+            qcow2_recurse_host(s, run);
+        }
         break;
     }
     return 0;

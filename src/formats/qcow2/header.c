@@ -658,6 +658,7 @@ static int qcow2_open(struct vimg_image *img, unsigned flags, struct vimg_error 
         /* qemu repairs a dirty image on a writable open */
         struct vimg_check_result r = { 0 };
         ret = qcow2_check(img, &r, 3, err);
+        free(r.log);
         if (ret < 0 || r.corruptions || r.check_errors) {
             vimg_error_clear(err);
             vimg_error_set(err, EIO, "Could not repair dirty image: %s", strerror(EIO));

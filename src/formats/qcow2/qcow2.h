@@ -159,6 +159,7 @@ struct qcow2_state {
     bool lazy;                      /* lazy refcounts active */
     bool check_mode;
     bool creating;                  /* create may allocate cluster 0 */
+    bool prealloc_checked, prealloc_meta;
     uint8_t *cbuf;                  /* one cluster of scratch for decompression */
     uint64_t cbuf_guest;            /* guest cluster held in cbuf, or UINT64_MAX */
 };

@@ -37,8 +37,8 @@
 #define VMDK_DESC_READ_MAX    ((1u << 20) - 1)  /* qemu: descriptor read size */
 #define VMDK_DESC_SIZE        10240u            /* CID area at desc_offset */
 #define VMDK_DESC_WRITE_MAX   (16u << 20)       /* qemu: CID rewrite limit */
-#define VMDK_DESC_MAX_LINES   20000u            /* ours */
-#define VMDK_MAX_EXTENTS      32768u            /* ours: 64 TiB in 2 GiB pieces */
+#define VMDK_DESC_MAX_LINES   65536u            /* ours */
+#define VMDK_MAX_EXTENTS      8192u             /* ours: 16 TiB in 2 GiB pieces */
 #define VMDK_MAX_GRAIN_SECTORS 0x200000ull      /* qemu: 1 GiB */
 #define VMDK_MAX_L1           (32u * 1024 * 1024)  /* qemu: GD entries */
 #define VMDK_MAX_GTES         512u              /* qemu: entries per GT (VMDK4) */
