@@ -159,8 +159,9 @@ struct vimg_driver {
      * Contract:
      *  - called only on an image this convert just created (every cluster
      *    unallocated), opened RDWR, from one thread;
-     *  - calls come in strictly increasing guest order and never overlap
-     *    an earlier call: no guest byte is allocated twice.  offset and len
+     *  - calls come in strictly increasing guest order, each starting at or
+     *    after the end of the run the previous call returned: no guest
+     *    byte is asked for twice.  offset and len
      *    are multiples of 512 except at the end of the image; they need not
      *    be cluster-aligned (a write may start or end inside a cluster);
      *  - the driver fills run with HOST_VALID, run->host (a file the image
@@ -171,7 +172,8 @@ struct vimg_driver {
      *    the driver answers with that cluster's space; a new cluster is
      *    placed at the driver's append point (fresh space past everything
      *    else), so host bytes of the cluster that the engine never writes
-     *    read as zeros;
+     *    read as zeros, and by the time flush returns the host file covers
+     *    every cluster handed out;
      *  - the driver records the mapping in memory only; it writes its
      *    metadata (L2 / grain tables, refcounts, L1, header, markers) when
      *    flush or close is called, in an order that leaves a valid image at

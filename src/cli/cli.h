@@ -4,6 +4,7 @@
 
 #include <getopt.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #include "vimg/vimg.h"
@@ -47,8 +48,17 @@ struct vimg_image *cli_open(const char *filename, const char *fmt, unsigned flag
 struct cli_progress {
     bool enabled;
     float current, last_print, min_step;
+    /* A terminal gets a one-line bar with rate and ETA instead of qemu's
+     * text (which scripts reading a pipe or a file still see). */
+    bool tty;
+    double start, last_bar;
+    uint64_t done_bytes, total_bytes;
 };
 void cli_progress_init(struct cli_progress *p, bool enabled, float min_step);
+/* Use the bar when stdout is a terminal (commands opt in). */
+void cli_progress_use_tty_bar(struct cli_progress *p);
+/* Bytes behind the percentage, for the bar's rate. */
+void cli_progress_bytes(struct cli_progress *p, uint64_t done, uint64_t total);
 void cli_progress_print(struct cli_progress *p, float delta, int max);
 void cli_progress_end(struct cli_progress *p);
 

@@ -17,10 +17,16 @@
 #include "core/image.h"
 #include "core/opts.h"
 #include "io/file.h"
+#include "util/util.h"
 
 static void convert_progress(void *opaque, float pct)
 {
     cli_progress_print(opaque, pct, 0);
+}
+
+static void convert_progress_bytes(void *opaque, uint64_t done, uint64_t total)
+{
+    cli_progress_bytes(opaque, done, total);
 }
 
 /*
@@ -516,6 +522,7 @@ int cmd_convert(int argc, char **argv)
     }
     struct cli_progress prog;
     cli_progress_init(&prog, progress, 1.0f);
+    cli_progress_use_tty_bar(&prog);
     cli_progress_print(&prog, 0, 100);
 
     struct vimg_image **srcs = calloc((size_t)nsrc, sizeof(*srcs));
@@ -663,6 +670,7 @@ int cmd_convert(int argc, char **argv)
         .target_has_zero_init = zero_init,
         .progress = convert_progress,
         .progress_opaque = &prog,
+        .progress_bytes = convert_progress_bytes,
         .top_only = out_base != NULL,
         .copy_range = copy_range,
         .fresh_target = !skip_create,
@@ -674,7 +682,8 @@ int cmd_convert(int argc, char **argv)
         /* qemu never flushes an "unsafe" target; vimg flushes a new target
          * before it renames it into place unless -t unsafe is asked for */
         .no_flush = cache_given && 0 == strcmp(cache, "unsafe"),
-        .queue_depth = 2 * (unsigned)coroutines,
+        /* qemu's -m 8 (its default) maps to the engine's default depth of 4 */
+        .queue_depth = (unsigned)VIMG_MAX(2, (coroutines + 1) / 2),
         .cancel = &convert_cancel,
     };
     struct vimg_error err = { 0 };

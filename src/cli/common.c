@@ -5,6 +5,8 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
 
@@ -114,10 +116,62 @@ struct vimg_image *cli_open(const char *filename, const char *fmt, unsigned flag
 
 void cli_progress_init(struct cli_progress *p, bool enabled, float min_step)
 {
+    memset(p, 0, sizeof(*p));
     p->enabled = enabled;
     p->current = 0;
     p->last_print = 0;
     p->min_step = min_step;
+}
+
+static double progress_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+void cli_progress_use_tty_bar(struct cli_progress *p)
+{
+    p->tty = p->enabled && isatty(STDOUT_FILENO);
+    p->start = p->last_bar = progress_now();
+}
+
+void cli_progress_bytes(struct cli_progress *p, uint64_t done, uint64_t total)
+{
+    p->done_bytes = done;
+    p->total_bytes = total;
+}
+
+/* "[#########.........]  45.00%  1.2 GiB of 2.6 GiB  310 MiB/s  ETA 0:05" */
+static void progress_bar(struct cli_progress *p, float current)
+{
+    double now = progress_now();
+    double elapsed = now - p->start;
+    char bar[31], done[32], total[32], rate[48] = "", eta[32] = "";
+    int fill = (int)(current / 100 * 30);
+
+    /* a terminal needs no more than a few updates a second */
+    if (current < 100 && now - p->last_bar < 0.1) {
+        return;
+    }
+    p->last_bar = now;
+    for (int i = 0; i < 30; i++) {
+        bar[i] = i < fill ? '#' : '.';
+    }
+    bar[30] = 0;
+    vimg_format_size(p->done_bytes, done, sizeof(done));
+    vimg_format_size(p->total_bytes, total, sizeof(total));
+    if (elapsed > 0.2 && p->done_bytes) {
+        char r[32];
+        vimg_format_size((uint64_t)((double)p->done_bytes / elapsed), r, sizeof(r));
+        snprintf(rate, sizeof(rate), "  %s/s", r);
+    }
+    if (elapsed > 0.2 && current > 0 && current < 100) {
+        unsigned long left = (unsigned long)(elapsed * (100 - current) / current + 0.5);
+        snprintf(eta, sizeof(eta), "  ETA %lu:%02lu", left / 60, left % 60);
+    }
+    printf("\r[%s] %6.2f%%  %s of %s%s%s\033[K", bar, current, done, total, rate, eta);
+    fflush(stdout);
 }
 
 /* qemu's arithmetic, in float, so the printed steps are the same. */
@@ -131,7 +185,9 @@ void cli_progress_print(struct cli_progress *p, float delta, int max)
     if (current > p->last_print + p->min_step || current < p->last_print - p->min_step ||
         100 == current || 0 == current) {
         p->last_print = current;
-        if (p->enabled) {
+        if (p->enabled && p->tty) {
+            progress_bar(p, current);
+        } else if (p->enabled) {
             printf("    (%3.2f/100%%)\r", current);
             fflush(stdout);
         }

@@ -102,7 +102,9 @@ int vimg_internal_zero_split(const uint8_t *buf, int n, int *pnum, int min,
  * guest order, while reads and writes of later items stay in flight.
  */
 
-#define DEFAULT_DEPTH 16
+/* Measured (docs/performance.md): a few 2 MiB requests in flight keep the
+ * buffers hot in the CPU caches; 16 was slower on every raw workload. */
+#define DEFAULT_DEPTH 4
 #define MAX_DEPTH 256
 #define WREQ_PER_SLOT 4
 #define DIRECT_ALIGN 4096
@@ -111,6 +113,7 @@ int vimg_internal_zero_split(const uint8_t *buf, int n, int *pnum, int min,
 enum item_kind {
     ITEM_READ_AIO,      /* plain data at a host offset: async read */
     ITEM_READ_SYNC,     /* read through the image at the head */
+    ITEM_READ_WORKER,   /* compressed: a reader thread decompresses it */
     ITEM_COPY_RANGE,    /* in-kernel copy to the raw target */
     ITEM_ZERO_DATA,     /* reads as zeros, handled as data (-S 0, no backing) */
     ITEM_ZERO,          /* zero run: write zeroes unless the target is zero */
@@ -143,6 +146,8 @@ struct item {
     bool read_done;
     int read_ret;
     bool counts;                /* moves the progress */
+    int src_idx;
+    struct vimg_error rerr;     /* a reader thread's failure */
 };
 
 struct wreq {
@@ -190,6 +195,9 @@ struct copy_job {
     struct item next;
 
     bool use_copy_range;
+    bool early_writeback;
+    unsigned nreaders;          /* reader threads for compressed data */
+    struct rpool *readers;
     struct direct_fd direct[NDIRECT];
     unsigned ndirect;
 
@@ -221,6 +229,9 @@ static int job_io_error(struct copy_job *j, int ret, const char *what, uint64_t 
 static void job_progress(struct copy_job *j, uint64_t n)
 {
     j->allocated_done += n;
+    if (j->o->progress_bytes) {
+        j->o->progress_bytes(j->o->progress_opaque, j->allocated_done, j->allocated_total);
+    }
     if (j->o->progress) {
         j->o->progress(j->o->progress_opaque,
                        (float)(100.0 * (double)j->allocated_done /
@@ -290,7 +301,7 @@ static bool job_counts(struct copy_job *j, unsigned flags)
 static bool item_needs_slot(const struct item *it)
 {
     return ITEM_READ_AIO == it->kind || ITEM_READ_SYNC == it->kind ||
-           ITEM_COPY_RANGE == it->kind;
+           ITEM_READ_WORKER == it->kind || ITEM_COPY_RANGE == it->kind;
 }
 
 /* The next item in guest order; false when the sources are done. */
@@ -348,6 +359,10 @@ static int walk_next(struct copy_job *j, struct item *it, bool *have)
                 } else {
                     it->kind = ITEM_READ_SYNC;
                 }
+            } else if ((f & VIMG_STATUS_COMPRESSED) && j->nreaders > 1 &&
+                       src->file->fd >= 0) {
+                it->kind = ITEM_READ_WORKER;
+                it->src_idx = j->w_idx;
             } else {
                 it->kind = ITEM_READ_SYNC;
             }
@@ -405,6 +420,12 @@ static void wreq_done(struct vimg_aio_req *req, int result)
     if (result < 0) {
         job_io_error(j, result, VIMG_AIO_ZERO == req->op ? "writing zeroes" : "writing",
                      req->off);
+    } else if (j->early_writeback && VIMG_AIO_WRITE == req->op) {
+        /* Start writing back what is done, so the flush at the end does not
+         * wait for the whole image: the copy and the disk overlap.  Only a
+         * hint: failures show up in the flush. */
+        sync_file_range(req->fd, (off64_t)req->off, (off64_t)req->len,
+                        SYNC_FILE_RANGE_WRITE);
     }
     if (w->slot) {
         slot_put(j, w->slot);
@@ -583,6 +604,154 @@ static void read_done(struct vimg_aio_req *req, int result)
     s->item->read_ret = result;
 }
 
+/*
+ * Reader threads for compressed data (the decompression workers).  Each
+ * thread opens its own instance of the sources by name, so drivers need no
+ * locking: nothing of one image instance is shared between threads.  The
+ * main thread still finishes items in order; it only waits for a reader
+ * when the head item is one of theirs.
+ */
+struct rpool {
+    struct copy_job *job;
+    pthread_mutex_t lock;
+    pthread_cond_t work, done;
+    pthread_t threads[16];
+    unsigned nthreads;
+    struct item **queue;
+    unsigned qcap, qhead, qcount;
+    bool stop;
+};
+
+static void *rpool_worker(void *opaque)
+{
+    struct rpool *p = opaque;
+    struct copy_job *j = p->job;
+    struct vimg_image **inst = calloc((size_t)j->nsrc, sizeof(*inst));
+
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        while (!p->stop && !p->qcount) {
+            pthread_cond_wait(&p->work, &p->lock);
+        }
+        if (p->stop) {
+            break;
+        }
+        struct item *it = p->queue[p->qhead];
+        p->qhead = (p->qhead + 1) % p->qcap;
+        p->qcount--;
+        pthread_mutex_unlock(&p->lock);
+
+        struct vimg_image *src = j->srcs[it->src_idx];
+        int ret = 0;
+        if (!inst) {
+            vimg_error_set(&it->rerr, ENOMEM, "out of memory");
+            ret = -ENOMEM;
+        } else if (!inst[it->src_idx]) {
+            unsigned flags = (src->flags & (VIMG_OPEN_ALLOW_OUTSIDE | VIMG_OPEN_NO_BACKING)) |
+                             VIMG_OPEN_FORCE_SHARE;
+            ret = vimg_open(&inst[it->src_idx], src->filename, src->drv->name, flags, NULL,
+                            &it->rerr);
+            if (0 == ret && vimg_size(inst[it->src_idx]) != vimg_size(src)) {
+                vimg_error_set(&it->rerr, EIO, "'%s' changed during the copy", src->filename);
+                ret = -EIO;
+            }
+        }
+        if (0 == ret) {
+            ret = vimg_pread(inst[it->src_idx], it->slot->buf, (size_t)it->len, it->src_off,
+                             &it->rerr);
+        }
+        pthread_mutex_lock(&p->lock);
+        it->read_ret = ret;
+        it->read_done = true;
+        pthread_cond_broadcast(&p->done);
+    }
+    pthread_mutex_unlock(&p->lock);
+    for (int i = 0; inst && i < j->nsrc; i++) {
+        vimg_close(inst[i]);
+    }
+    free(inst);
+    return NULL;
+}
+
+static int rpool_start(struct copy_job *j)
+{
+    struct rpool *p = calloc(1, sizeof(*p));
+    if (!p) {
+        return -ENOMEM;
+    }
+    p->job = j;
+    p->qcap = j->ring_cap;
+    p->queue = calloc(p->qcap, sizeof(*p->queue));
+    if (!p->queue) {
+        free(p);
+        return -ENOMEM;
+    }
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->work, NULL);
+    pthread_cond_init(&p->done, NULL);
+    for (unsigned i = 0; i < VIMG_MIN(j->nreaders, 16u); i++) {
+        if (pthread_create(&p->threads[p->nthreads], NULL, rpool_worker, p)) {
+            break;
+        }
+        p->nthreads++;
+    }
+    j->readers = p;
+    return 0;
+}
+
+static void rpool_stop(struct copy_job *j)
+{
+    struct rpool *p = j->readers;
+    if (!p) {
+        return;
+    }
+    pthread_mutex_lock(&p->lock);
+    p->stop = true;
+    pthread_cond_broadcast(&p->work);
+    pthread_mutex_unlock(&p->lock);
+    for (unsigned i = 0; i < p->nthreads; i++) {
+        pthread_join(p->threads[i], NULL);
+    }
+    pthread_mutex_destroy(&p->lock);
+    pthread_cond_destroy(&p->work);
+    pthread_cond_destroy(&p->done);
+    free(p->queue);
+    free(p);
+    j->readers = NULL;
+}
+
+static int rpool_submit(struct copy_job *j, struct item *it)
+{
+    if (!j->readers) {
+        int ret = rpool_start(j);
+        if (ret < 0 || !j->readers->nthreads) {
+            /* no threads: read it at the head */
+            it->kind = ITEM_READ_SYNC;
+            return 0;
+        }
+    }
+    struct rpool *p = j->readers;
+    pthread_mutex_lock(&p->lock);
+    p->queue[(p->qhead + p->qcount) % p->qcap] = it;
+    p->qcount++;
+    pthread_cond_signal(&p->work);
+    pthread_mutex_unlock(&p->lock);
+    return 0;
+}
+
+static bool rpool_item_done(struct copy_job *j, struct item *it, bool wait)
+{
+    struct rpool *p = j->readers;
+    bool done;
+    pthread_mutex_lock(&p->lock);
+    while (wait && !it->read_done) {
+        pthread_cond_wait(&p->done, &p->lock);
+    }
+    done = it->read_done;
+    pthread_mutex_unlock(&p->lock);
+    return done;
+}
+
 /* Start an item: take its buffer and queue its read. */
 static int job_start(struct copy_job *j, struct item *it)
 {
@@ -593,6 +762,9 @@ static int job_start(struct copy_job *j, struct item *it)
     s->refs = 1;
     s->item = it;
     it->slot = s;
+    if (ITEM_READ_WORKER == it->kind) {
+        return rpool_submit(j, it);
+    }
     if (ITEM_READ_AIO != it->kind) {
         return 0;
     }
@@ -685,6 +857,20 @@ static int job_finish_head(struct copy_job *j, bool *busy)
         }
         ret = job_write_data(j, s->buf, it->len, it->dst_off, s);
         break;
+    case ITEM_READ_WORKER:
+        if (!rpool_item_done(j, it, false)) {
+            *busy = true;
+            return 0;
+        }
+        if (it->read_ret < 0) {
+            vimg_error_set(j->err, it->rerr.code ? it->rerr.code : -it->read_ret,
+                           "error while reading at byte %" PRIu64 ": %s", it->src_off,
+                           it->rerr.code ? it->rerr.msg : strerror(-it->read_ret));
+            ret = job_fail(j, it->read_ret);
+            break;
+        }
+        ret = job_write_data(j, s->buf, it->len, it->dst_off, s);
+        break;
     case ITEM_READ_SYNC:
         ret = vimg_pread(it->src, s->buf, (size_t)it->len, it->src_off, j->err);
         if (ret < 0) {
@@ -742,7 +928,6 @@ static bool job_cancelled(struct copy_job *j)
     return false;
 }
 
-static unsigned o_depth_env;
 static int job_setup(struct copy_job *j)
 {
     struct vimg_image *dst = j->dst;
@@ -750,13 +935,13 @@ static int job_setup(struct copy_job *j)
     int ret;
 
     j->buf_size = o->buf_size ? o->buf_size : DEFAULT_BUF;
-    if (getenv("VIMG_COPY_DEPTH")) {
-        o_depth_env = (unsigned)atoi(getenv("VIMG_COPY_DEPTH"));
-    }
+
     j->buf_size = VIMG_MAX(vimg_align_down(j->buf_size, DIRECT_ALIGN), DIRECT_ALIGN);
     j->depth = o->queue_depth ? VIMG_MIN(o->queue_depth, MAX_DEPTH) : DEFAULT_DEPTH;
-    if (o_depth_env) {
-        j->depth = VIMG_MIN(o_depth_env, MAX_DEPTH);
+    /* VIMG_COPY_DEPTH overrides the queue depth (for benchmarking) */
+    const char *depth_env = getenv("VIMG_COPY_DEPTH");
+    if (depth_env && atoi(depth_env) > 0) {
+        j->depth = VIMG_MIN((unsigned)atoi(depth_env), MAX_DEPTH);
     }
 
     if (dst->drv->data_only && dst->file->fd >= 0) {
@@ -766,6 +951,11 @@ static int job_setup(struct copy_job *j)
     } else {
         j->mode = DST_SYNC;
     }
+    if (!getenv("VIMG_COPY_NO_READERS")) {
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        j->nreaders = o->threads ? o->threads : (ncpu > 0 ? (unsigned)VIMG_MIN(ncpu, 16) : 1);
+    }
+    j->early_writeback = !o->no_flush && !o->dst_direct && !getenv("VIMG_COPY_NO_WRITEBACK");
     j->use_copy_range = DST_RAW_AIO == j->mode && !o->dst_direct && !o->src_direct &&
                         (o->copy_range || 0 == o->sparse_size);
 
@@ -821,6 +1011,7 @@ nomem:
 
 static void job_cleanup(struct copy_job *j)
 {
+    rpool_stop(j);
     if (j->aio) {
         while (vimg_aio_in_flight(j->aio)) {
             if (vimg_aio_reap(j->aio, vimg_aio_in_flight(j->aio)) < 0) {
@@ -1153,23 +1344,27 @@ int vimg_copy(struct vimg_image *const *srcs, int nsrc, struct vimg_image *dst,
         goto out;
     }
     while (j.ret >= 0) {
-        bool busy = false;
+        bool busy = false, progressed = false;
         if (job_cancelled(&j) || job_fill(&j) < 0) {
             break;
         }
-        if (j.ring_count) {
-            if (job_finish_head(&j, &busy) < 0) {
+        while (j.ring_count && j.ret >= 0) {
+            if (job_finish_head(&j, &busy) < 0 || busy) {
                 break;
             }
-        } else if (j.w_done && !j.have_next) {
+            progressed = true;
+        }
+        if (j.ret < 0 || (!j.ring_count && j.w_done && !j.have_next)) {
             break;
         }
-        if (busy) {
-            /* the head waits for its read: let the ring work */
-            if (job_reap(&j, 1) < 0) {
+        /* Nothing more to do until some I/O completes: wait for it (the
+         * head's read, or writes holding every buffer). */
+        if (busy && ITEM_READ_WORKER == j.ring[j.ring_head].kind) {
+            rpool_item_done(&j, &j.ring[j.ring_head], true);
+            if (job_reap(&j, 0) < 0) {
                 break;
             }
-        } else if (vimg_aio_in_flight(j.aio) && job_reap(&j, 0) < 0) {
+        } else if (job_reap(&j, progressed ? 0 : 1) < 0) {
             break;
         }
     }

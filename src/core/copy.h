@@ -25,6 +25,9 @@ struct vimg_copy_opts {
     uint64_t buf_size;        /* largest request; default 2 MiB (qemu's chunk) */
     void (*progress)(void *opaque, float percent);
     void *progress_opaque;
+    /* Optional, called just before progress: the bytes behind the percent
+     * (done and total of what the copy reads or writes as data). */
+    void (*progress_bytes)(void *opaque, uint64_t done, uint64_t total);
 
     /* -B: the target has a backing file, so only what each source's own top
      * layer allocates is copied (qemu's block_status_above(src, backing)). */

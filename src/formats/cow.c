@@ -523,6 +523,11 @@ static int cow_write_partial(struct vimg_image *img, const uint8_t *p, size_t n,
     if (set) {
         return cow_pwrite_data(img, p, n, offset, err);
     }
+    if (!img->backing && img->backing_name) {
+        vimg_error_set(err, EIO, "'%s': a write of part of sector %" PRIu64 " needs the "
+                       "backing file, which is not open", img->filename, sector);
+        return -EIO;
+    }
     memset(sec, 0, sizeof(sec));
     if (img->backing && start < vimg_size(img->backing)) {
         size_t len = (size_t)VIMG_MIN(COW_SECTOR, vimg_size(img->backing) - start);
@@ -534,6 +539,76 @@ static int cow_write_partial(struct vimg_image *img, const uint8_t *p, size_t n,
     memcpy(sec + (offset - start), p, n);
     ret = cow_pwrite_data(img, sec, COW_SECTOR, start, err);
     return ret < 0 ? ret : cow_set_bits(img, sector, sector, err);
+}
+
+/* Whole sectors.  A sector not yet in the cow file whose new content is
+ * what it reads already (the backing file's bytes, or zeros without one)
+ * stays out of it: a cow file holds only what differs from its backing
+ * file, which is what convert -B and sparse copies want.  Data goes first,
+ * then the bits, so a crash loses no data that the bitmap claims. */
+static int cow_write_sectors(struct vimg_image *img, const uint8_t *p, size_t len,
+                             uint64_t offset, struct vimg_error *err)
+{
+    enum { CHUNK = 65536 };
+    /* without an open backing image the old content is unknown, unless
+     * there is none (zeros) */
+    bool can_skip = img->backing || !img->backing_name;
+    uint8_t *old = can_skip ? malloc(CHUNK) : NULL;
+    int ret = 0;
+
+    if (can_skip && !old) {
+        vimg_error_set(err, ENOMEM, "out of memory");
+        return -ENOMEM;
+    }
+    while (len && ret >= 0) {
+        size_t n = VIMG_MIN(len, (size_t)CHUNK);
+        if (old) {
+            uint64_t bsize = img->backing ? vimg_size(img->backing) : 0;
+            memset(old, 0, n);
+            if (offset < bsize) {
+                ret = vimg_pread(img->backing, old, (size_t)VIMG_MIN(n, bsize - offset),
+                                 offset, err);
+                if (ret < 0) {
+                    break;
+                }
+            }
+        }
+        /* runs of sectors to store */
+        for (size_t i = 0; i < n && ret >= 0;) {
+            size_t j = i;
+            while (j < n) {
+                bool set = true;
+                if (old && 0 == memcmp(p + j, old + j, COW_SECTOR)) {
+                    ret = cow_sector_is_set(img, (offset + j) / COW_SECTOR, &set, err);
+                    if (ret < 0) {
+                        break;
+                    }
+                }
+                if (!set) {
+                    break;
+                }
+                j += COW_SECTOR;
+            }
+            if (ret < 0) {
+                break;
+            }
+            if (j > i) {
+                ret = cow_pwrite_data(img, p + i, j - i, offset + i, err);
+                if (ret >= 0) {
+                    ret = cow_set_bits(img, (offset + i) / COW_SECTOR,
+                                       (offset + j) / COW_SECTOR - 1, err);
+                }
+                i = j;
+            } else {
+                i += COW_SECTOR;
+            }
+        }
+        p += n;
+        offset += n;
+        len -= n;
+    }
+    free(old);
+    return ret;
 }
 
 static int cow_write(struct vimg_image *img, const void *buf, size_t len, uint64_t offset,
@@ -556,15 +631,9 @@ static int cow_write(struct vimg_image *img, const void *buf, size_t len, uint64
         offset += n;
         len -= n;
     }
-    /* whole sectors: data first, then the bits, so a crash loses no data
-     * that the bitmap claims */
     size_t whole = len / COW_SECTOR * COW_SECTOR;
     if (whole) {
-        ret = cow_pwrite_data(img, p, whole, offset, err);
-        if (ret < 0) {
-            return ret;
-        }
-        ret = cow_set_bits(img, offset / COW_SECTOR, (offset + whole) / COW_SECTOR - 1, err);
+        ret = cow_write_sectors(img, p, whole, offset, err);
         if (ret < 0) {
             return ret;
         }

@@ -654,6 +654,13 @@ static int qcow_cluster_base(struct vimg_image *img, uint64_t cluster_start, uin
         memcpy(s->wbuf, s->ccache, s->cluster_size);
         return 1;
     }
+    if (!img->backing && img->backing_name) {
+        /* zeros would silently replace the backing file's data */
+        vimg_error_set(err, EIO, "'%s': a write of part of the cluster at %" PRIu64
+                       " needs the backing file, which is not open", img->filename,
+                       cluster_start);
+        return -EIO;
+    }
     if (img->backing && cluster_start < vimg_size(img->backing)) {
         len = VIMG_MIN(len, vimg_size(img->backing) - cluster_start);
         ret = vimg_pread(img->backing, s->wbuf, len, cluster_start, err);

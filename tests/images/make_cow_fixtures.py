@@ -189,6 +189,13 @@ def hostile_qcow():
         # an L2 entry pointing past the end of the file
         'qcow-cluster-past-eof.qcow': qcow_header(l1_off=48) +
             struct.pack('>Q', 512) + bytes(456) + struct.pack('>Q', 1 << 40) + bytes(4096 - 8),
+        # an L1 entry pointing at an impossible L2 table offset
+        'qcow-l2-offset-huge.qcow': qcow_header(l1_off=48) +
+            struct.pack('>Q', 0xFFFFFFFFFFFFF000) + bytes(456),
+        # a compressed entry whose data lies past the end of the file
+        'qcow-compressed-past-eof.qcow': qcow_header(l1_off=48) +
+            struct.pack('>Q', 512) + bytes(456) +
+            struct.pack('>Q', (1 << 63) | (100 << 51) | (1 << 30)) + bytes(4088),
         # a compressed entry whose data does not inflate
         'qcow-bad-compressed.qcow': qcow_header(l1_off=48) +
             struct.pack('>Q', 512) + bytes(456) +

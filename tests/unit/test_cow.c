@@ -463,6 +463,23 @@ static void test_cow_create_backing(void **state)
     check_image(img, model, SIZE);
     write_model(img, model);
     check_image(img, model, SIZE);
+    /* rewriting what the backing file holds allocates nothing */
+    {
+        struct vimg_status st;
+        assert_int_equal(vimg_pwrite(img, model + 200 * 1024, 8192, 200 * 1024, &err), 0);
+        assert_int_equal(vimg_block_status(img, 200 * 1024, 8192, &st, &err), 0);
+        assert_int_equal(st.depth, 1);
+        assert_int_equal(st.length, 8192);
+        model[201 * 1024] ^= 0xff;
+        assert_int_equal(vimg_pwrite(img, model + 200 * 1024, 8192, 200 * 1024, &err), 0);
+        assert_int_equal(vimg_block_status(img, 200 * 1024, 8192, &st, &err), 0);
+        assert_int_equal(st.depth, 1);
+        assert_int_equal(st.length, 1024);
+        assert_int_equal(vimg_block_status(img, 201 * 1024, 8192, &st, &err), 0);
+        assert_int_equal(st.depth, 0);
+        assert_int_equal(st.length, 512);
+        check_image(img, model, SIZE);
+    }
     vimg_close(img);
 
     /* a size other than the backing file's is refused */

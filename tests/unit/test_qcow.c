@@ -193,6 +193,8 @@ static void test_qcow_hostile_io(void **state)
         { "qcow-unaligned-cluster.qcow", "is not sector aligned" },
         { "qcow-cluster-past-eof.qcow", "beyond the end of the file" },
         { "qcow-bad-compressed.qcow", "is corrupt" },
+        { "qcow-compressed-past-eof.qcow", "lies beyond the end of the file" },
+        { "qcow-l2-offset-huge.qcow", "L2 table offset 0xfffffffffffff000 is invalid" },
     };
     static uint8_t buf[65536];
     for (size_t i = 0; i < VIMG_ARRAY_SIZE(cases); i++) {

@@ -453,6 +453,11 @@ static void qcow2_ck_compare(struct qcow2_ck *c, int fix, uint64_t *highest)
         if (fixed) {
             int64_t delta = (int64_t)computed - (int64_t)stored;
             if (qcow2_update_refcount(c->img, i << s->cluster_bits, 1, delta, &e) >= 0) {
+                if (0 == computed && (i << s->cluster_bits) < (uint64_t)c->file_len) {
+                    /* qemu discards what a repair frees */
+                    c->img->file->ops->zero(c->img->file, i << s->cluster_bits,
+                                            s->cluster_size, true);
+                }
                 (*fixed)++;
                 continue;
             }
@@ -559,6 +564,174 @@ static void qcow2_ck_copied(struct qcow2_ck *c, int fix)
     free(l2);
 }
 
+static int qcow2_ck_grow(struct qcow2_ck *c, uint64_t n)
+{
+    if (n > c->cap) {
+        uint32_t *p;
+        /* the rebuilt structures go right after the file's end */
+        if (n > c->nb + (1u << 24)) {
+            return -EFBIG;
+        }
+        p = realloc(c->refs, n * sizeof(*p));
+        if (!p) {
+            return -ENOMEM;
+        }
+        memset(p + c->cap, 0, (n - c->cap) * sizeof(*p));
+        c->refs = p;
+        c->cap = n;
+    }
+    if (n > c->nb) {
+        c->nb = n;
+    }
+    return 0;
+}
+
+/* qemu's alloc_clusters_imrt: count free clusters in the computed table */
+static int64_t qcow2_ck_alloc(struct qcow2_ck *c, uint64_t count, uint64_t *first_free)
+{
+    uint64_t cl = *first_free, run = 0;
+    bool first_gap = true;
+    int ret;
+
+    for (; cl < c->nb && run < count; cl++) {
+        if (!c->refs[cl]) {
+            run++;
+            if (first_gap) {
+                *first_free = cl;
+                first_gap = false;
+            }
+        } else if (run) {
+            run = 0;
+        }
+    }
+    if (run < count) {
+        ret = qcow2_ck_grow(c, cl + count - run);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    cl -= run;
+    for (uint64_t i = 0; i < count; i++) {
+        c->refs[cl + i] = 1;
+    }
+    return (int64_t)cl;
+}
+
+static int qcow2_ck_write_rbs(struct qcow2_ck *c, uint64_t first, uint64_t end,
+                              uint64_t **rt, uint64_t *rt_n, uint8_t *blk)
+{
+    struct qcow2_state *s = c->s;
+    uint64_t first_free = 0;
+    int grown = 0, ret;
+
+    for (uint64_t cl = first; cl < end; cl++) {
+        uint64_t idx, start, rb_off;
+        if (cl >= c->nb || !c->refs[cl]) {
+            continue;
+        }
+        idx = cl / s->rb_entries;
+        start = idx * s->rb_entries;
+        if (*rt_n > idx && (*rt)[idx]) {
+            rb_off = (*rt)[idx];
+        } else {
+            int64_t a;
+            if (first_free < start) {
+                first_free = start;
+            }
+            a = qcow2_ck_alloc(c, 1, &first_free);
+            if (a < 0) {
+                return (int)a;
+            }
+            rb_off = (uint64_t)a << s->cluster_bits;
+            if ((uint64_t)a >= end) {
+                end = (uint64_t)a + 1;
+            }
+            if (*rt_n <= idx) {
+                uint64_t n = vimg_div_round_up((idx + 1) * 8, s->cluster_size) *
+                             s->cluster_size / 8;
+                uint64_t *p = realloc(*rt, n * 8);
+                if (!p) {
+                    return -ENOMEM;
+                }
+                memset(p + *rt_n, 0, (n - *rt_n) * 8);
+                *rt = p;
+                *rt_n = n;
+                grown = 1;
+            }
+            (*rt)[idx] = rb_off;
+        }
+        memset(blk, 0, s->cluster_size);
+        for (uint64_t i = 0; i < s->rb_entries && start + i < c->nb; i++) {
+            qcow2_rb_set(s, blk, i, VIMG_MIN((uint64_t)c->refs[start + i], s->refcount_max));
+        }
+        ret = vimg_file_pwrite(c->img->file, blk, s->cluster_size, rb_off);
+        if (ret < 0) {
+            return ret;
+        }
+        cl = start + s->rb_entries - 1;
+    }
+    return grown;
+}
+
+/* A new refcount table and blocks from the computed counts; the old ones
+ * are left behind as leaks, which the following pass repairs. */
+static int qcow2_ck_rebuild(struct qcow2_ck *c)
+{
+    struct qcow2_state *s = c->s;
+    uint64_t *rt = NULL, rt_n = 0, rt_off = 0, rt_clusters = 0;
+    uint8_t *blk = malloc(s->cluster_size), hdr[12];
+    int ret;
+
+    if (!blk) {
+        return -ENOMEM;
+    }
+    ret = qcow2_ck_write_rbs(c, 0, c->nb, &rt, &rt_n, blk);
+    while (ret > 0) {
+        uint64_t first_free = 0;
+        int64_t a;
+        rt_clusters = vimg_div_round_up(rt_n * 8, s->cluster_size);
+        a = qcow2_ck_alloc(c, rt_clusters, &first_free);
+        if (a < 0) {
+            ret = (int)a;
+            break;
+        }
+        rt_off = (uint64_t)a << s->cluster_bits;
+        ret = qcow2_ck_write_rbs(c, (uint64_t)a, (uint64_t)a + rt_clusters, &rt, &rt_n, blk);
+    }
+    free(blk);
+    if (ret < 0 || rt_n * 8 > QCOW2_MAX_REFTABLE_SIZE) {
+        free(rt);
+        return ret < 0 ? ret : -EFBIG;
+    }
+    for (uint64_t i = 0; i < rt_n; i++) {
+        rt[i] = htobe64(rt[i]);
+    }
+    ret = vimg_file_pwrite(c->img->file, rt, rt_n * 8, rt_off);
+    for (uint64_t i = 0; i < rt_n; i++) {
+        rt[i] = be64toh(rt[i]);
+    }
+    if (ret >= 0) {
+        vimg_st_be64(hdr, rt_off);
+        vimg_st_be32(hdr + 8, (uint32_t)rt_clusters);
+        ret = vimg_file_pwrite(c->img->file, hdr, 12, 48);
+    }
+    if (ret >= 0) {
+        ret = vimg_file_sync(c->img->file);
+    }
+    if (ret < 0) {
+        free(rt);
+        return ret;
+    }
+    qcow2_cache_free(&s->rb_cache);
+    free(s->rt);
+    s->rt = rt;
+    s->rt_size = rt_n;
+    s->rt_offset = rt_off;
+    s->rt_clusters = (uint32_t)rt_clusters;
+    s->free_hint = 0;
+    return 0;
+}
+
 int qcow2_check(struct vimg_image *img, struct vimg_check_result *res, int fix,
                 struct vimg_error *err)
 {
@@ -576,6 +749,10 @@ int qcow2_check(struct vimg_image *img, struct vimg_check_result *res, int fix,
     if (!(img->flags & VIMG_OPEN_RDWR)) {
         fix = 0;
     }
+    if (fix) {
+        /* the user's repair replaces the one a dirty image would get */
+        s->needs_repair = false;
+    }
     c.nb = vimg_div_round_up((uint64_t)c.file_len, s->cluster_size);
     c.cap = c.nb + 1;
     c.refs = calloc(c.cap, sizeof(*c.refs));
@@ -591,13 +768,49 @@ int qcow2_check(struct vimg_image *img, struct vimg_check_result *res, int fix,
     }
     pre = *res;
     qcow2_ck_compare(&c, 0, &highest);
-    if (fix) {
-        if (c.rebuild && (fix & 2)) {
-            qcow2_ck_log(&c, "ERROR need to rebuild refcount structures\n");
+    if (c.rebuild && (fix & 2)) {
+        struct vimg_check_result old = *res;
+        int fresh_leaks = 0;
+
+        qcow2_ck_log(&c, "Rebuilding refcount structure\n");
+        ret = qcow2_ck_rebuild(&c);
+        if (ret < 0) {
             res->check_errors++;
-            ret = -EIO;
+            vimg_error_set(err, -ret, "ERROR rebuilding refcount structure: %s",
+                           strerror(-ret));
             goto out;
         }
+        res->corruptions = 0;
+        res->leaks = 0;
+        c.rebuild = false;
+        c.file_len = vimg_file_size(img->file);
+        if (c.file_len < 0) {
+            ret = (int)c.file_len;
+            goto out;
+        }
+        memset(c.refs, 0, c.cap * sizeof(*c.refs));
+        ret = qcow2_ck_calculate(&c);
+        if (ret < 0) {
+            goto out;
+        }
+        if (fix & 1) {
+            struct vimg_check_result saved = *res;
+            memset(res, 0, sizeof(*res));
+            qcow2_ck_compare(&c, 1, &highest);
+            if (c.rebuild) {
+                qcow2_ck_log(&c, "ERROR rebuilt refcount structure is still broken\n");
+            }
+            fresh_leaks = res->leaks;
+            *res = saved;
+        }
+        if (res->corruptions < old.corruptions) {
+            res->corruptions_fixed += old.corruptions - res->corruptions;
+        }
+        if (res->leaks < old.leaks) {
+            res->leaks_fixed += old.leaks - res->leaks;
+        }
+        res->leaks += fresh_leaks;
+    } else if (fix) {
         if (c.rebuild) {
             qcow2_ck_log(&c, "ERROR need to rebuild refcount structures\n");
             res->check_errors++;

@@ -364,11 +364,14 @@ static void qcow2_close(struct vimg_image *img)
     struct vimg_error err = { 0 };
 
     if ((img->flags & VIMG_OPEN_RDWR) && s->l1) {
-        qcow2_flush(img, &err);
-        if (s->dirty_set_by_us) {
-            /* a clean close: the refcounts are complete again */
+        if (s->needs_repair) {
+            /* never opened for a write: repair now, as qemu would have at open */
+            qcow2_mark_dirty(img, &err);
+        }
+        if (0 == qcow2_flush(img, &err) && !s->needs_repair) {
+            /* a clean close: the refcounts are complete again (qemu clears
+             * the bit on every writable close) */
             qcow2_update_incompat(img, s->incompat & ~QCOW2_INCOMPAT_DIRTY, &err);
-            vimg_file_sync(img->file);
         }
     }
     qcow2_cache_free(&s->l2_cache);
@@ -447,6 +450,12 @@ static int qcow2_open(struct vimg_image *img, unsigned flags, struct vimg_error 
         if (s->header_length < 104) {
             return qcow2_fail(err, EINVAL, "qcow2 header too short");
         }
+    }
+    if (s->header_length % 8) {
+        /* the spec requires it; qemu forgets to check */
+        vimg_error_set(err, EINVAL, "qcow2 header length %" PRIu32 " is not a multiple of 8",
+                       s->header_length);
+        return -EINVAL;
     }
     if (s->header_length > s->cluster_size) {
         return qcow2_fail(err, EINVAL, "qcow2 header exceeds cluster size");
@@ -655,19 +664,10 @@ static int qcow2_open(struct vimg_image *img, unsigned flags, struct vimg_error 
     s->lazy = !!(s->compat & QCOW2_COMPAT_LAZY);
     s->free_hint = 0;
     if ((flags & VIMG_OPEN_RDWR) && (s->incompat & QCOW2_INCOMPAT_DIRTY)) {
-        /* qemu repairs a dirty image on a writable open */
-        struct vimg_check_result r = { 0 };
-        ret = qcow2_check(img, &r, 3, err);
-        free(r.log);
-        if (ret < 0 || r.corruptions || r.check_errors) {
-            vimg_error_clear(err);
-            vimg_error_set(err, EIO, "Could not repair dirty image: %s", strerror(EIO));
-            return -EIO;
-        }
-        ret = qcow2_update_incompat(img, s->incompat & ~QCOW2_INCOMPAT_DIRTY, err);
-        if (ret < 0) {
-            return ret;
-        }
+        /* qemu repairs a dirty image when it opens it for writing; vimg
+         * does it before the first write, so that check -r sees the image
+         * as it is */
+        s->needs_repair = true;
     }
     if ((flags & VIMG_OPEN_RDWR) && (s->autoclear & ~QCOW2_AUTOCLEAR_MASK)) {
         s->autoclear &= QCOW2_AUTOCLEAR_MASK;

@@ -156,6 +156,7 @@ struct qcow2_state {
     uint64_t free_hint;             /* first cluster index that may be free */
     uint64_t free_byte_off;         /* where the next compressed cluster may go */
     bool dirty_set_by_us;
+    bool needs_repair;              /* dirty: repair before the first write */
     bool lazy;                      /* lazy refcounts active */
     bool check_mode;
     bool creating;                  /* create may allocate cluster 0 */

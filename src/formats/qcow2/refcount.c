@@ -120,7 +120,9 @@ static int qcow2_alloc_noref(struct vimg_image *img, uint64_t n, uint64_t *start
                              struct vimg_error *err)
 {
     struct qcow2_state *s = qcow2_s(img);
-    uint64_t i = 0, rc;
+    uint64_t i = 0, rc, past_end = 0;
+    int64_t fsize = vimg_file_size(img->file);
+    uint64_t fclusters = fsize > 0 ? (uint64_t)fsize >> s->cluster_bits : 0;
     int ret;
 
     while (i < n) {
@@ -130,6 +132,13 @@ static int qcow2_alloc_noref(struct vimg_image *img, uint64_t n, uint64_t *start
             return ret;
         }
         if (rc) {
+            /* Refcounts for clusters far past the end of the file are
+             * corrupt; do not scan billions of them. */
+            if (c >= fclusters && ++past_end > 65536) {
+                vimg_error_set(err, EIO, "'%s': no free cluster found: the refcounts "
+                               "are corrupt", img->filename);
+                return -EIO;
+            }
             i = 0;
             continue;
         }
@@ -221,7 +230,12 @@ static int qcow2_grow_reftable(struct vimg_image *img, uint64_t need_idx,
     }
     a = vimg_div_round_up((uint64_t)fsize, s->cluster_size);
     /* start past anything refcounted (allocated but not yet written) */
-    for (;;) {
+    for (uint64_t guard = 0;; guard++) {
+        if (guard > 65536) {
+            vimg_error_set(err, EIO, "'%s': no free cluster found: the refcounts "
+                           "are corrupt", img->filename);
+            return -EIO;
+        }
         ret = qcow2_get_refcount(img, a, &rc, err);
         if (ret < 0) {
             return ret;

@@ -20,6 +20,18 @@ int qcow2_mark_dirty(struct vimg_image *img, struct vimg_error *err)
     struct qcow2_state *s = qcow2_s(img);
     int ret;
 
+    if (s->needs_repair) {
+        struct vimg_check_result r = { 0 };
+        s->needs_repair = false;
+        ret = qcow2_check(img, &r, 3, err);
+        free(r.log);
+        if (ret < 0 || r.corruptions || r.check_errors) {
+            vimg_error_clear(err);
+            vimg_error_set(err, EIO, "Could not repair dirty image: %s", strerror(EIO));
+            s->needs_repair = true;
+            return -EIO;
+        }
+    }
     if (!s->lazy || s->version < 3 || (s->incompat & QCOW2_INCOMPAT_DIRTY)) {
         return 0;
     }
@@ -560,8 +572,11 @@ int qcow2_truncate(struct vimg_image *img, uint64_t size, enum vimg_prealloc pre
     struct qcow2_state *s = qcow2_s(img);
     uint64_t shift = s->cluster_bits + s->l2_bits;
     uint64_t need = (size >> shift) + ((size & ((1ull << shift) - 1)) ? 1 : 0);
-    int ret;
+    int ret = qcow2_mark_dirty(img, err);
 
+    if (ret < 0) {
+        return ret;
+    }
     if (size % 512) {
         vimg_error_set(err, EINVAL, "The new size must be a multiple of 512");
         return -EINVAL;
