@@ -18,13 +18,18 @@
 #                           run (cold cache; needs root).  Default: warm cache,
 #                           i.e. the input is in the page cache for both tools.
 #
-# Method: each workload's input is made fresh in its own scratch directory,
-# each tool runs once untimed (warm-up), then the tools run alternately
-# (qemu-img,vimg / vimg,qemu-img / ...) so neither always goes first.  Before every timed run the previous output is
-# removed and `sync` is run, so both tools start from the same page cache
-# state.  Wall time is taken with bash's $EPOCHREALTIME around the run (it
-# includes a ~1-2 ms fork/exec cost of the timeout and time wrappers, shown
-# in the header as "harness"); peak RSS is GNU time's %M (max over the runs).
+# Method: vimg is copied into the scratch dir first (a rebuild during the run
+# cannot swap it).  Each workload's input is made fresh in its own scratch
+# directory; each tool runs once untimed (warm-up), then the tools run
+# alternately (qemu-img,vimg / vimg,qemu-img / ...) so neither always goes
+# first.  Before every run the previous output is removed and `sync` is run,
+# so both tools start from the same page cache state (input cached, no dirty
+# data).  Wall time is taken with bash's $EPOCHREALTIME around the run; it
+# includes the fork/exec cost of the timeout and time wrappers, printed in
+# the header as "harness" (tens of ms on a small VM: mind it when reading
+# the sub-second rows).  Peak RSS is GNU time's %M, the max over the runs.
+# The load average is printed at start and end: on a busy machine the times
+# mean little.  Per-run times go to stderr.
 # Correctness: for convert workloads the outputs of the last run of each tool
 # are compared with `qemu-img compare` (must say identical, else the row is
 # FAIL); for the other workloads stdout and exit status must match.

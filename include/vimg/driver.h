@@ -256,6 +256,14 @@ struct vimg_driver {
      * file (vmdk: the descriptor plus every extent file); NULL: the
      * image's file alone.  Returns bytes or a negative errno. */
     int64_t (*allocated_size)(struct vimg_image *img);
+    /* convert -l: make this read-only open image show an internal snapshot
+     * from now on (reads and block_status of the snapshot's state, as
+     * qemu's bdrv_snapshot_load_tmp), found by id and/or name (a NULL one
+     * is not compared; both must match when both are given).  Not found:
+     * -ENOENT with "Can't find snapshot".  NULL: the format cannot, and
+     * convert says so with qemu's message. */
+    int (*snapshot_load_tmp)(struct vimg_image *img, const char *id, const char *name,
+                             struct vimg_error *err);
     /* New ops come here (append only; never reorder). */
 };
 

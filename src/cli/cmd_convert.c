@@ -335,6 +335,65 @@ static int convert_check_snapshot_param(const char *arg)
     return ret;
 }
 
+/* -l: "snapshot.id=I,snapshot.name=N" (qemu's options) or one word that is
+ * tried as an id, then as a name. */
+static int convert_load_snapshot(struct vimg_image **srcs, int nsrc, const char *arg)
+{
+    struct vimg_image *src = srcs[0];
+    struct vimg_error err = { 0 };
+    bool opts = 0 == strncmp(arg, "snapshot.", 9);
+    char *id = NULL, *name = NULL;
+    int ret;
+
+    if (!opts && nsrc > 1) {
+        cli_report("No support for concatenating multiple snapshot");
+        return -1;
+    }
+    if (!src->drv->snapshot_load_tmp) {
+        cli_report("Failed to load snapshot: Block format '%s' used by device '' does not "
+                   "support temporarily loading internal snapshots", vimg_format(src));
+        return -1;
+    }
+    if (opts) {
+        char *copy = strdup(arg), *save = NULL;
+        for (char *kv = copy ? strtok_r(copy, ",", &save) : NULL; kv;
+             kv = strtok_r(NULL, ",", &save)) {
+            char *eq = strchr(kv, '=');
+            const char *val = eq ? eq + 1 : "on";
+            if (eq) {
+                *eq = 0;
+            }
+            if (0 == strcmp(kv, "snapshot.id")) {
+                free(id);
+                id = strdup(val);
+            } else {
+                free(name);
+                name = strdup(val);
+            }
+        }
+        free(copy);
+        if (!id && !name) {
+            vimg_error_set(&err, EINVAL, "snapshot_id and name are both NULL");
+            ret = -EINVAL;
+        } else {
+            ret = src->drv->snapshot_load_tmp(src, id, name, &err);
+        }
+    } else {
+        ret = src->drv->snapshot_load_tmp(src, arg, NULL, &err);
+        if (-ENOENT == ret || -EINVAL == ret) {
+            vimg_error_clear(&err);
+            ret = src->drv->snapshot_load_tmp(src, NULL, arg, &err);
+        }
+    }
+    free(id);
+    free(name);
+    if (ret < 0) {
+        cli_report_err_prefix(&err, "Failed to load snapshot: ");
+        return -1;
+    }
+    return 0;
+}
+
 int cmd_convert(int argc, char **argv)
 {
     static const struct option long_options[] = {
@@ -429,8 +488,9 @@ int cmd_convert(int argc, char **argv)
             break;
         case 'm': {
             char *end;
-            coroutines = strtol(optarg, &end, 10);
-            if (*end || coroutines < 1 || coroutines > 16) {
+            errno = 0;
+            coroutines = strtol(optarg, &end, 0);
+            if (*end || end == optarg || errno || coroutines < 1 || coroutines > 16) {
                 cli_report("Invalid number of coroutines. Allowed number of coroutines is "
                            "between 1 and 16");
                 goto out;
@@ -542,16 +602,12 @@ int cmd_convert(int argc, char **argv)
         }
         total += vimg_size(srcs[i]);
     }
-    if (snapshot) {
-        /* no vimg driver can load an internal snapshot temporarily yet */
-        if (nsrc > 1 && 0 != strncmp(snapshot, "snapshot.", 9)) {
-            cli_report("No support for concatenating multiple snapshot");
-        } else {
-            cli_report("Failed to load snapshot: Block format '%s' used by device '' does "
-                       "not support temporarily loading internal snapshots",
-                       vimg_format(srcs[0]));
-        }
+    if (snapshot && convert_load_snapshot(srcs, nsrc, snapshot) < 0) {
         goto out_close;
+    }
+    total = 0;
+    for (int i = 0; i < nsrc; i++) {
+        total += vimg_size(srcs[i]);
     }
     if (!skip_create) {
         const struct vimg_driver *drv = vimg_internal_find_driver(out_fmt);

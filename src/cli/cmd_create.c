@@ -66,6 +66,9 @@ int cli_accumulate_options(char **options, const char *arg)
     return 0;
 }
 
+/* -u: do not open the backing file (qemu's BDRV_O_NO_BACKING) */
+static bool cli_create_unsafe;
+
 int cmd_create(int argc, char **argv)
 {
     static const struct option long_options[] = {
@@ -103,6 +106,7 @@ int cmd_create(int argc, char **argv)
             quiet = true;
             break;
         case 'u':
+            cli_create_unsafe = true;
             break;
         case 'j' + 256:
             break;
@@ -156,6 +160,14 @@ static int cli_create_check_backing(const char *filename, struct vimg_opts *opts
     if (!backing[0]) {
         vimg_error_set(err, EINVAL, "Expected backing file name, got empty string");
         return -EINVAL;
+    }
+    if (cli_create_unsafe) {
+        /* -u: the backing file is not opened, but its format must be named */
+        if (!bfmt) {
+            vimg_error_set(err, EINVAL, "Backing file specified without backing format");
+            return -EINVAL;
+        }
+        return 0;
     }
     if ('/' != backing[0] && slash &&
         asprintf(&full, "%.*s%s", (int)(slash - filename) + 1, filename, backing) < 0) {

@@ -990,9 +990,16 @@ static int job_setup(struct copy_job *j)
     }
 
     unsigned aio_depth = j->depth * (1 + WREQ_PER_SLOT);
+    /* Measured (docs/performance.md): with buffered files io_uring runs
+     * most requests inline in this thread, so the copy uses one core; the
+     * thread pool spreads the page-cache copies over all of them and was
+     * faster on every buffered workload.  O_DIRECT goes to libaio.
+     * VIMG_AIO=... still forces any backend. */
     ret = -ENOSYS;
-    if ((o->src_direct || o->dst_direct) && !getenv("VIMG_AIO")) {
-        ret = vimg_aio_new(&j->aio, VIMG_AIO_LIBAIO, aio_depth);
+    if (!getenv("VIMG_AIO")) {
+        ret = vimg_aio_new(&j->aio, (o->src_direct || o->dst_direct) ? VIMG_AIO_LIBAIO
+                                                                      : VIMG_AIO_THREADS,
+                           aio_depth);
     }
     if (ret < 0) {
         ret = vimg_aio_new(&j->aio, VIMG_AIO_AUTO, aio_depth);

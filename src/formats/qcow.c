@@ -348,12 +348,16 @@ static int qcow_block_status(struct vimg_image *img, uint64_t offset, uint64_t m
     int ret;
 
     if (!l2_off) {
-        /* a whole unallocated L1 range costs nothing to report */
+        /* a whole unallocated L1 range costs nothing to report; entries
+         * past the end of the file are all zero */
         uint64_t end = (l1_idx + 1) << shift;
-        while (end - offset < max_len && l1_idx + 1 < s->l1_entries &&
-               !qcow_l1_entry(s, l1_idx + 1)) {
+        while (end - offset < max_len && l1_idx + 1 < s->l1_loaded &&
+               !s->l1[l1_idx + 1]) {
             l1_idx++;
             end = (l1_idx + 1) << shift;
+        }
+        if (l1_idx + 1 >= s->l1_loaded) {
+            end = VIMG_MAX(end, img->size);
         }
         run->length = end - offset;
         run->flags = 0;

@@ -158,6 +158,11 @@ def hostile_cow():
     h = bytearray(v2_linux()[0])
     struct.pack_into('>IIQI', h, 1032, 0, 0, SIZE, 512)   # QEMU fields in the path area
     out['cow-v2-ambiguous.cow'] = bytes(h) + bytes(8192)
+    # Linux's short v1/v2 bitmap length ending exactly on a sector: the last
+    # sector's bit would share a byte with the data
+    out['cow-v2-bitmap-overlap.cow'] = v2_linux(size=3905 * 512)[0] + bytes(1024)
+    # a v3 file cut right after its header (UML sizes it over the data area)
+    out['cow-v3-truncated.cow'] = v3()[0]
     # (a version 3 header cannot fit both of its layouts: the standard one
     # needs 0 at offset 28, where the broken one keeps a non-zero alignment)
     return out

@@ -328,6 +328,8 @@ static void test_cow_hostile(void **state)
         { "cow-short.cow", "the file is shorter than the header" },
         { "cow-v2-neither.cow", "fits neither the Linux layout" },
         { "cow-v2-ambiguous.cow", "ambiguous" },
+        { "cow-v2-bitmap-overlap.cow", "the bitmap runs into the data area" },
+        { "cow-v3-truncated.cow", "the file ends before the bitmap" },
     };
     for (size_t i = 0; i < VIMG_ARRAY_SIZE(cases); i++) {
         char path[PATH_MAX], prefix[PATH_MAX + 32];

@@ -125,6 +125,82 @@ static void test_vmdk_read_vmware_stream(void **state)
     free(want);
 }
 
+/* The other layouts built from the spec: COWD (vmfsSparse), seSparse,
+ * CRLF descriptor with skipped RDONLY/NOACCESS/ZERO lines, vmfs. */
+static void expect_pattern(struct vimg_image *img, uint64_t off, size_t n, char letter,
+                           uint64_t pat_off)
+{
+    struct vimg_error err = { 0 };
+    uint8_t *got = malloc(n), *want = malloc(n);
+    assert_int_equal(0, vimg_pread(img, got, n, off, &err));
+    if (letter) {
+        pattern(want, letter, pat_off, n);
+    } else {
+        memset(want, 0, n);
+    }
+    assert_memory_equal(want, got, n);
+    free(got);
+    free(want);
+}
+
+static void test_vmdk_read_other_layouts(void **state)
+{
+    char path[PATH_MAX];
+    struct vimg_image *img;
+
+    snprintf(path, sizeof(path), "%s/vmdk-cowd.vmdk", src);
+    img = open_img(path, 0);
+    assert_int_equal(1 * MiB, vimg_size(img));
+    expect_pattern(img, 0, 8192, 'G', 0);
+    expect_pattern(img, 8192, 8192, 0, 0);
+    expect_pattern(img, 65536, 8192, 'H', 65536);
+    vimg_close(img);
+
+    snprintf(path, sizeof(path), "%s/vmdk-sesparse.vmdk", src);
+    img = open_img(path, 0);
+    expect_pattern(img, 0, 4096, 'I', 0);
+    expect_pattern(img, 4096, 8192, 0, 0);
+    expect_pattern(img, 12288, 4096, 'J', 12288);
+    vimg_close(img);
+
+    /* the RDONLY, NOACCESS and ZERO lines are skipped, as qemu does */
+    snprintf(path, sizeof(path), "%s/vmdk-crlf.vmdk", src);
+    img = open_img(path, 0);
+    assert_int_equal(24 * 512, vimg_size(img));
+    expect_pattern(img, 0, 16 * 512, 'K', 0);
+    expect_pattern(img, 16 * 512, 8 * 512, 'K', 16 * 512);
+    vimg_close(img);
+
+    snprintf(path, sizeof(path), "%s/vmdk-vmfs.vmdk", src);
+    img = open_img(path, 0);
+    expect_pattern(img, 0, 32 * 512, 'L', 0);
+    vimg_close(img);
+}
+
+/* Writes to a COWD extent: an existing grain in place, a new one appended. */
+static void test_vmdk_write_cowd(void **state)
+{
+    char path[PATH_MAX], delta[PATH_MAX];
+    struct vimg_error err = { 0 };
+    struct vimg_image *img;
+    uint8_t b[8192];
+
+    copy_fixture("vmdk-cowd.vmdk", path, sizeof(path));
+    copy_fixture("vmdk-cowd-delta.vmdk", delta, sizeof(delta));
+    img = open_img(path, VIMG_OPEN_RDWR);
+    pattern(b, 'R', 512 * KiB, sizeof(b));
+    assert_int_equal(0, vimg_pwrite(img, b, sizeof(b), 512 * KiB, &err));
+    pattern(b, 'S', 4096, 4096);
+    assert_int_equal(0, vimg_pwrite(img, b, 4096, 4096, &err));
+    vimg_close(img);
+    img = open_img(path, 0);
+    expect_pattern(img, 512 * KiB, sizeof(b), 'R', 512 * KiB);
+    expect_pattern(img, 0, 4096, 'G', 0);
+    expect_pattern(img, 4096, 4096, 'S', 4096);
+    expect_pattern(img, 65536, 8192, 'H', 65536);
+    vimg_close(img);
+}
+
 /* Appending grains to a VMware stream keeps it openable (footer rewritten). */
 static void test_vmdk_append_vmware_stream(void **state)
 {
@@ -297,6 +373,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_vmdk_read_vmware_stream),
+        cmocka_unit_test(test_vmdk_read_other_layouts),
+        cmocka_unit_test(test_vmdk_write_cowd),
         cmocka_unit_test(test_vmdk_append_vmware_stream),
         cmocka_unit_test(test_vmdk_write_missing_gt),
         cmocka_unit_test(test_vmdk_cow_second_extent),

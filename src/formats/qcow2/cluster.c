@@ -23,8 +23,42 @@ void qcow2_cache_drop(struct qcow2_cache *c, uint64_t off)
     for (int i = 0; i < c->n; i++) {
         if (c->ent[i].off == off) {
             c->ent[i].off = 0;
+            c->ent[i].dirty = false;
         }
     }
+}
+
+void qcow2_cache_mark_dirty(struct qcow2_cache *c, uint64_t off)
+{
+    for (int i = 0; i < c->n; i++) {
+        if (c->ent[i].off == off && c->ent[i].data) {
+            c->ent[i].dirty = true;
+        }
+    }
+}
+
+static int qcow2_cache_write(struct vimg_image *img, struct qcow2_cache_ent *e,
+                             struct vimg_error *err)
+{
+    int ret = vimg_file_pwrite(img->file, e->data, qcow2_s(img)->cluster_size, e->off);
+    if (ret < 0) {
+        return qcow2_io_error(img, ret, "Could not write metadata", err);
+    }
+    e->dirty = false;
+    return 0;
+}
+
+int qcow2_cache_flush(struct vimg_image *img, struct qcow2_cache *c, struct vimg_error *err)
+{
+    for (int i = 0; i < c->n; i++) {
+        if (c->ent[i].off && c->ent[i].dirty) {
+            int ret = qcow2_cache_write(img, &c->ent[i], err);
+            if (ret < 0) {
+                return ret;
+            }
+        }
+    }
+    return 0;
 }
 
 /* Tables are written through at once by their users, so an entry can be
@@ -58,7 +92,14 @@ int qcow2_cache_get(struct vimg_image *img, struct qcow2_cache *c, uint64_t off,
             return -ENOMEM;
         }
     }
+    if (c->ent[victim].off && c->ent[victim].dirty) {
+        ret = qcow2_cache_write(img, &c->ent[victim], err);
+        if (ret < 0) {
+            return ret;
+        }
+    }
     c->ent[victim].off = 0;
+    c->ent[victim].dirty = false;
     if (fill) {
         ret = vimg_file_pread(img->file, c->ent[victim].data, s->cluster_size, off);
         if (ret < 0) {

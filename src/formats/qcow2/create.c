@@ -219,11 +219,20 @@ static int qcow2_do_create(const char *filename, struct vimg_file *f, uint64_t s
         vimg_error_prefix(err, "Could not resize image: ");
         goto out;
     }
-    if (data_file && VIMG_PREALLOC_OFF == prealloc) {
-        ret = s->data_file->ops->truncate(s->data_file, size);
-        if (ret < 0) {
-            qcow2_io_error(img, ret, "Could not resize image", err);
-            goto out;
+    if (data_file) {
+        static const uint8_t zeros[4096];
+        if (VIMG_PREALLOC_OFF == prealloc) {
+            ret = s->data_file->ops->truncate(s->data_file, size);
+            if (ret < 0) {
+                qcow2_io_error(img, ret, "Could not resize image", err);
+                goto out;
+            }
+        }
+        if (size) {
+            /* qemu's file layer writes the first block of a new file while
+             * probing its alignment: same allocation map */
+            vimg_file_pwrite(s->data_file, zeros, size < sizeof(zeros) ? 512 : sizeof(zeros),
+                             0);
         }
     }
     if (VIMG_PREALLOC_OFF != prealloc) {

@@ -685,6 +685,9 @@ static int qcow2_open_wrap(struct vimg_image *img, unsigned flags, struct vimg_e
     int ret = qcow2_open(img, flags, err);
     if (ret < 0) {
         struct qcow2_state *s = qcow2_s(img);
+        if (strncmp(err->msg, "Could not open '", 16)) {
+            vimg_error_prefix(err, "Could not open '%s': ", img->filename);
+        }
         free(s->l1);
         s->l1 = NULL;   /* no flush on this close */
         qcow2_close(img);
@@ -850,6 +853,22 @@ int qcow2_update_incompat(struct vimg_image *img, uint64_t incompat, struct vimg
 
     if (s->version < 3 || incompat == s->incompat) {
         return 0;
+    }
+    if (incompat & ~s->incompat & ~QCOW2_INCOMPAT_DIRTY) {
+        vimg_error_set(err, EINVAL, "'%s': unexpected feature change", img->filename);
+        return -EINVAL;
+    }
+    if (s->incompat & ~incompat) {
+        /* clearing bits: qemu rewrites the whole header (mark_clean) */
+        uint64_t old = s->incompat;
+        s->incompat = incompat;
+        ret = qcow2_write_header(img, err);
+        if (ret < 0) {
+            s->incompat = old;
+            return ret;
+        }
+        ret = vimg_file_sync(img->file);
+        return ret < 0 ? qcow2_io_error(img, ret, "Could not flush qcow2 header", err) : 0;
     }
     vimg_st_be64(b, incompat);
     ret = vimg_file_pwrite(img->file, b, 8, 72);

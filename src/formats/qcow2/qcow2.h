@@ -68,6 +68,8 @@ struct qcow2_cache_ent {
     uint64_t off;          /* host offset of the table, 0 = empty slot */
     uint64_t lru;
     uint8_t *data;         /* one cluster, big-endian as on disk */
+    bool dirty;            /* written through entry by entry, not yet as a
+                              whole cluster (qemu writes whole tables) */
 };
 
 struct qcow2_cache {
@@ -197,6 +199,8 @@ void qcow2_cache_free(struct qcow2_cache *c);
 int qcow2_cache_get(struct vimg_image *img, struct qcow2_cache *c, uint64_t off,
                     bool fill, uint8_t **out, struct vimg_error *err);
 void qcow2_cache_drop(struct qcow2_cache *c, uint64_t off);
+void qcow2_cache_mark_dirty(struct qcow2_cache *c, uint64_t off);
+int qcow2_cache_flush(struct vimg_image *img, struct qcow2_cache *c, struct vimg_error *err);
 
 /* cluster.c */
 uint64_t qcow2_l2_entry(const struct qcow2_state *s, const uint8_t *l2, uint64_t idx);

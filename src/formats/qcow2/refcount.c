@@ -108,6 +108,7 @@ static int qcow2_rb_write_entry(struct vimg_image *img, uint8_t *rb, uint64_t rb
     if (ret < 0) {
         return qcow2_io_error(img, ret, "Could not write refcount block", err);
     }
+    qcow2_cache_mark_dirty(&s->rb_cache, rb_off);
     return 0;
 }
 

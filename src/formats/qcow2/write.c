@@ -416,6 +416,10 @@ int qcow2_flush(struct vimg_image *img, struct vimg_error *err)
     struct qcow2_state *s = qcow2_s(img);
     int ret = 0;
 
+    ret = qcow2_cache_flush(img, &s->rb_cache, err);
+    if (ret < 0) {
+        return ret;
+    }
     if (s->data_file && s->data_file != img->file) {
         ret = vimg_file_sync(s->data_file);
     }
@@ -611,6 +615,14 @@ int qcow2_truncate(struct vimg_image *img, uint64_t size, enum vimg_prealloc pre
             if (ret < 0) {
                 return ret;
             }
+            if (l1_idx < need && (s->l1[l1_idx] & QCOW2_L1E_OFFSET_MASK)) {
+                /* qemu writes whole L2 tables from its cache */
+                qcow2_cache_mark_dirty(&s->l2_cache, s->l1[l1_idx] & QCOW2_L1E_OFFSET_MASK);
+            }
+        }
+        ret = qcow2_cache_flush(img, &s->l2_cache, err);
+        if (ret < 0) {
+            return ret;
         }
         /* the L2 tables wholly past the new end go */
         for (uint64_t i = need; i < s->l1_size; i++) {
@@ -627,6 +639,42 @@ int qcow2_truncate(struct vimg_image *img, uint64_t size, enum vimg_prealloc pre
             ret = qcow2_update_refcount(img, old, 1, -1, err);
             if (ret < 0) {
                 return ret;
+            }
+        }
+        /* as qemu: cut the file after the last cluster still in use */
+        {
+            int64_t fsize = vimg_file_size(img->file);
+            uint64_t last = fsize > 0 ? vimg_div_round_up((uint64_t)fsize, s->cluster_size) : 0;
+            while (last > 0) {
+                uint64_t rc;
+                ret = qcow2_get_refcount(img, last - 1, &rc, err);
+                if (ret < 0) {
+                    return ret;
+                }
+                if (rc) {
+                    break;
+                }
+                last--;
+            }
+            ret = qcow2_cache_flush(img, &s->rb_cache, err);
+            if (ret < 0) {
+                return ret;
+            }
+            /* qemu rewrites the refcount table when it shrinks it */
+            {
+                uint64_t *t = malloc(s->rt_clusters * s->cluster_size);
+                if (t) {
+                    memset(t, 0, s->rt_clusters * s->cluster_size);
+                    for (uint64_t i = 0; i < s->rt_size; i++) {
+                        t[i] = htobe64(s->rt[i]);
+                    }
+                    vimg_file_pwrite(img->file, t, s->rt_clusters * s->cluster_size,
+                                     s->rt_offset);
+                    free(t);
+                }
+            }
+            if (fsize > 0 && last * s->cluster_size < (uint64_t)fsize) {
+                img->file->ops->truncate(img->file, last * s->cluster_size);
             }
         }
     } else if (need > s->l1_size) {

@@ -112,11 +112,11 @@ static int vmdk_stream_hold(struct vimg_image *img, struct vmdk_extent *e, uint6
     return 0;
 }
 
-int vmdk_stream_write(struct vimg_image *img, struct vmdk_extent *e, const void *buf,
-                      size_t len, uint64_t r, struct vimg_error *err)
+/* Append one grain record (marker + zlib data) for extent offset r. */
+int vmdk_stream_put(struct vimg_image *img, struct vmdk_extent *e, uint64_t r, size_t len,
+                    const void *cdata, size_t clen, struct vimg_error *err)
 {
     uint64_t gi = r / e->gt_cover, ti = (r % e->gt_cover) / e->grain, at;
-    uLongf clen;
     size_t reclen;
     uint8_t *rec;
     int ret;
@@ -126,6 +126,11 @@ int vmdk_stream_write(struct vimg_image *img, struct vmdk_extent *e, const void 
                        img->filename);
         return -EINVAL;
     }
+    if (0 == clen || clen > 2 * e->grain) {
+        vimg_error_set(err, EINVAL, "'%s': compressed grain of %zu bytes", img->filename,
+                       clen);
+        return -EINVAL;
+    }
     if ((ret = vmdk_stream_hold(img, e, gi, err)) < 0) {
         return ret;
     }
@@ -133,27 +138,20 @@ int vmdk_stream_write(struct vimg_image *img, struct vmdk_extent *e, const void 
         vimg_error_set(err, EIO, "Could not write to allocated cluster for streamOptimized");
         return -EIO;
     }
-    clen = compressBound(len);
     reclen = (size_t)vimg_div_round_up(12 + clen, VMDK_SECTOR) * VMDK_SECTOR;
+    at = e->st.append;
+    if ((at + reclen) / VMDK_SECTOR > VMDK_MAX_ALLOC_SECTOR) {
+        vimg_error_set(err, ENOSPC, "'%s': the extent file is full", e->file->name);
+        return -ENOSPC;
+    }
     rec = calloc(1, reclen);
     if (!rec) {
         vimg_error_set(err, ENOMEM, "out of memory");
         return -ENOMEM;
     }
-    if (Z_OK != compress2(rec + 12, &clen, buf, len, Z_DEFAULT_COMPRESSION)) {
-        free(rec);
-        vimg_error_set(err, EINVAL, "'%s': compression failed", img->filename);
-        return -EINVAL;
-    }
     vimg_st_le64(rec, (e->start + r) / VMDK_SECTOR);
     vimg_st_le32(rec + 8, (uint32_t)clen);
-    reclen = (size_t)vimg_div_round_up(12 + clen, VMDK_SECTOR) * VMDK_SECTOR;
-    at = e->st.append;
-    if ((at + reclen) / VMDK_SECTOR > VMDK_MAX_ALLOC_SECTOR) {
-        free(rec);
-        vimg_error_set(err, ENOSPC, "'%s': the extent file is full", e->file->name);
-        return -ENOSPC;
-    }
+    memcpy(rec + 12, cdata, clen);
     ret = vimg_file_pwrite(e->file, rec, reclen, at);
     free(rec);
     if (ret < 0) {
@@ -164,6 +162,39 @@ int vmdk_stream_write(struct vimg_image *img, struct vmdk_extent *e, const void 
     e->st.gt_dirty = true;
     e->st.dirty = true;
     return 0;
+}
+
+long vmdk_deflate(void *out, size_t out_cap, const void *buf, size_t len)
+{
+    uLongf clen = out_cap;
+    int z = compress2(out, &clen, buf, len, Z_DEFAULT_COMPRESSION);
+    if (Z_BUF_ERROR == z) {
+        return -ENOSPC;
+    }
+    return Z_OK == z ? (long)clen : -EINVAL;
+}
+
+int vmdk_stream_write(struct vimg_image *img, struct vmdk_extent *e, const void *buf,
+                      size_t len, uint64_t r, struct vimg_error *err)
+{
+    size_t cap = compressBound(len);
+    uint8_t *c = malloc(cap);
+    long clen;
+    int ret;
+
+    if (!c) {
+        vimg_error_set(err, ENOMEM, "out of memory");
+        return -ENOMEM;
+    }
+    clen = vmdk_deflate(c, cap, buf, len);
+    if (clen < 0) {
+        free(c);
+        vimg_error_set(err, EINVAL, "'%s': compression failed", img->filename);
+        return -EINVAL;
+    }
+    ret = vmdk_stream_put(img, e, r, len, c, (size_t)clen, err);
+    free(c);
+    return ret;
 }
 
 int vmdk_stream_finish(struct vimg_image *img, struct vmdk_extent *e, struct vimg_error *err)

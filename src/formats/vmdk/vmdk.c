@@ -253,6 +253,27 @@ static int vmdk_open_vmdk4(struct vimg_image *img, struct vmdk_extent *e, bool t
     if (top && !s->create_type[0]) {
         strcpy(s->create_type, "monolithicSparse");
     }
+    if (top) {
+        /* qemu rewrites 10 KiB at 0x200 whatever the header says; stay
+         * inside the descriptor area and before the first table */
+        uint64_t room = VMDK_DESC_SIZE, lim = UINT64_MAX;
+        if (h.desc_size && h.desc_size < VMDK_DESC_SIZE / VMDK_SECTOR) {
+            room = h.desc_size * VMDK_SECTOR;
+        }
+        if (h.gd_off && VMDK_GD_AT_END != h.gd_off) {
+            lim = VIMG_MIN(lim, h.gd_off);
+        }
+        if ((h.flags & VMDK4_FLAG_RGD) && h.rgd_off) {
+            lim = VIMG_MIN(lim, h.rgd_off);
+        }
+        if (h.overhead) {
+            lim = VIMG_MIN(lim, h.overhead);
+        }
+        if (lim < UINT64_MAX / VMDK_SECTOR) {
+            room = lim > 1 ? VIMG_MIN(room, (lim - 1) * VMDK_SECTOR) : 0;
+        }
+        s->desc_room = room;
+    }
     if (VMDK_GD_AT_END == h.gd_off) {
         uint8_t ft[1536];
         uint64_t end;
@@ -1120,6 +1141,9 @@ static int vmdk_write_cid(struct vimg_image *img, uint32_t cid, struct vimg_erro
             return -EFBIG;
         }
     }
+    if (0 != s->desc_offset) {
+        size = s->desc_room;
+    }
     if (0 == size) {
         return 0;
     }
@@ -1372,14 +1396,13 @@ static int vmdk_write_sparse(struct vimg_image *img, struct vmdk_extent *e, cons
 }
 
 /* qemu's path for a compressed extent laid out by qemu (GD at the front):
- * whole unallocated grains only, appended. */
-static int vmdk_write_qemu_stream(struct vimg_image *img, struct vmdk_extent *e,
-                                  const uint8_t *buf, size_t n, uint64_t r,
-                                  struct vimg_error *err)
+ * whole unallocated grains only, appended, GTEs updated in place. */
+static int vmdk_put_qemu_stream(struct vimg_image *img, struct vmdk_extent *e, uint64_t r,
+                                size_t n, const uint8_t *cdata, size_t clen,
+                                struct vimg_error *err)
 {
     uint64_t gi = r / e->gt_cover, ti = (r % e->gt_cover) / e->grain, host, gte;
     enum vmdk_grain_state st;
-    uLongf clen;
     uint8_t *rec;
     size_t reclen;
     int ret;
@@ -1404,25 +1427,18 @@ static int vmdk_write_qemu_stream(struct vimg_image *img, struct vmdk_extent *e,
         vimg_error_set(err, EIO, "Could not write to allocated cluster for streamOptimized");
         return -EIO;
     }
-    clen = compressBound(n);
     reclen = (size_t)vimg_div_round_up(12 + clen, VMDK_SECTOR) * VMDK_SECTOR;
+    if ((ret = vmdk_check_alloc(e, reclen, err)) < 0) {
+        return ret;
+    }
     rec = calloc(1, reclen);
     if (!rec) {
         vimg_error_set(err, ENOMEM, "out of memory");
         return -ENOMEM;
     }
-    if (Z_OK != compress(rec + 12, &clen, buf, n)) {
-        free(rec);
-        vimg_error_set(err, EINVAL, "'%s': compression failed", img->filename);
-        return -EINVAL;
-    }
     vimg_st_le64(rec, (e->start + r) / VMDK_SECTOR);
     vimg_st_le32(rec + 8, (uint32_t)clen);
-    reclen = (size_t)vimg_div_round_up(12 + clen, VMDK_SECTOR) * VMDK_SECTOR;
-    if ((ret = vmdk_check_alloc(e, reclen, err)) < 0) {
-        free(rec);
-        return ret;
-    }
+    memcpy(rec + 12, cdata, clen);
     host = e->next_alloc;
     ret = vimg_file_pwrite(e->file, rec, reclen, host);
     free(rec);
@@ -1431,6 +1447,30 @@ static int vmdk_write_qemu_stream(struct vimg_image *img, struct vmdk_extent *e,
     }
     e->next_alloc = host + reclen;
     return vmdk_gte_set(e, gi, ti, (uint32_t)(host / VMDK_SECTOR), err);
+}
+
+static int vmdk_write_qemu_stream(struct vimg_image *img, struct vmdk_extent *e,
+                                  const uint8_t *buf, size_t n, uint64_t r,
+                                  struct vimg_error *err)
+{
+    size_t cap = compressBound(n);
+    uint8_t *c = malloc(cap);
+    long clen;
+    int ret;
+
+    if (!c) {
+        vimg_error_set(err, ENOMEM, "out of memory");
+        return -ENOMEM;
+    }
+    clen = vmdk_deflate(c, cap, buf, n);
+    if (clen < 0) {
+        free(c);
+        vimg_error_set(err, EINVAL, "'%s': compression failed", img->filename);
+        return -EINVAL;
+    }
+    ret = vmdk_put_qemu_stream(img, e, r, n, c, (size_t)clen, err);
+    free(c);
+    return ret;
 }
 
 static int vmdk_extent_writable(struct vimg_image *img, struct vmdk_extent *e,
@@ -1513,6 +1553,54 @@ static int vmdk_write_compressed(struct vimg_image *img, const void *buf, size_t
         return 0;
     }
     return vmdk_do_write(img, buf, len, offset, true, err);
+}
+
+/* Parallel compression for convert: only a streamOptimized image stores
+ * compressed grains (qemu writes other vmdk grains plainly under -c, and
+ * -ENOSPC makes the engine do that).  Reads only state fixed at open. */
+static long vmdk_compress_cluster(struct vimg_image *img, void *out, size_t out_cap,
+                                  const void *buf, size_t len, struct vimg_error *err)
+{
+    struct vmdk_state *s = img->opaque;
+    long r;
+
+    for (size_t i = 0; i < s->n; i++) {
+        if (!s->ext[i].compressed) {
+            return -ENOSPC;
+        }
+    }
+    r = vmdk_deflate(out, out_cap, buf, len);
+    if (r < 0 && -ENOSPC != r) {
+        vimg_error_set(err, EINVAL, "'%s': compression failed", img->filename);
+    }
+    return r;
+}
+
+static int vmdk_write_compressed_data(struct vimg_image *img, const void *cdata, size_t clen,
+                                      size_t len, uint64_t offset, struct vimg_error *err)
+{
+    struct vmdk_state *s = img->opaque;
+    struct vmdk_extent *e = vmdk_find(s, offset);
+    uint64_t r;
+    int ret;
+
+    if (!e || !e->compressed || VMDK_EXT_SPARSE != e->kind) {
+        vimg_error_set(err, EINVAL, "'%s': no compressed extent at offset %" PRIu64,
+                       img->filename, offset);
+        return -EINVAL;
+    }
+    if ((ret = vmdk_extent_writable(img, e, err)) < 0) {
+        return ret;
+    }
+    r = offset - e->start;
+    if (len > e->length - r) {
+        vimg_error_set(err, EINVAL, "'%s': compressed write crosses an extent end",
+                       img->filename);
+        return -EINVAL;
+    }
+    ret = e->st.active ? vmdk_stream_put(img, e, r, len, cdata, clen, err)
+                       : vmdk_put_qemu_stream(img, e, r, len, cdata, clen, err);
+    return ret < 0 ? ret : vmdk_cid_update(img, err);
 }
 
 /* Whole grains of a zeroed-grain extent become GTE 1; anything else is
@@ -1736,5 +1824,7 @@ const struct vimg_driver vimg_driver_vmdk = {
     .check = vmdk_check,
     .has_zero_init = vmdk_has_zero_init,
     .write_compressed = vmdk_write_compressed,
+    .compress_cluster = vmdk_compress_cluster,
+    .write_compressed_data = vmdk_write_compressed_data,
     .allocated_size = vmdk_allocated_size,
 };

@@ -142,6 +142,7 @@ struct vmdk_state {
     uint32_t cid, parent_cid;
     bool cid_updated;
     uint64_t desc_offset;     /* 0x200 when embedded, else 0 */
+    uint64_t desc_room;       /* embedded: bytes the CID rewrite may touch */
     char create_type[128];
     size_t n_skipped;
 };
@@ -153,6 +154,10 @@ int vmdk_gt_load(struct vimg_image *img, struct vmdk_extent *e, uint64_t gt_off,
                  uint8_t **out, struct vimg_error *err);
 int vmdk_stream_write(struct vimg_image *img, struct vmdk_extent *e, const void *buf,
                       size_t len, uint64_t r, struct vimg_error *err);
+int vmdk_stream_put(struct vimg_image *img, struct vmdk_extent *e, uint64_t r, size_t len,
+                    const void *cdata, size_t clen, struct vimg_error *err);
+/* zlib (RFC 1950) into out: the length, -ENOSPC when it does not fit. */
+long vmdk_deflate(void *out, size_t out_cap, const void *buf, size_t len);
 int vmdk_stream_finish(struct vimg_image *img, struct vmdk_extent *e,
                        struct vimg_error *err);
 int vmdk_read_compressed(struct vimg_image *img, struct vmdk_extent *e, uint64_t gte,
