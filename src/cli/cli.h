@@ -62,6 +62,11 @@ void cli_progress_bytes(struct cli_progress *p, uint64_t done, uint64_t total);
 void cli_progress_print(struct cli_progress *p, float delta, int max);
 void cli_progress_end(struct cli_progress *p);
 
+/* -l SNAPSHOT of convert and measure: load an internal snapshot of srcs[0]
+ * read-only ("snapshot.id=I,snapshot.name=N" or an id-or-name).  Prints
+ * qemu's messages; returns -1 on failure. */
+int cli_load_snapshot(struct vimg_image **srcs, int nsrc, const char *arg);
+
 int cmd_info(int argc, char **argv);
 int cmd_create(int argc, char **argv);
 int cmd_convert(int argc, char **argv);

@@ -166,8 +166,10 @@ static const char *convert_target_prepare(struct convert_target *t, const char *
         return name;
     }
     if (0 == stat(name, &st)) {
-        if (!S_ISREG(st.st_mode)) {
-            return name;    /* devices and the like are written in place */
+        if (!S_ISREG(st.st_mode) || access(name, W_OK) < 0) {
+            /* devices are written in place; a file we may not write gets
+             * qemu's error from create instead of being replaced */
+            return name;
         }
         t->mode = st.st_mode & 07777;
         t->final = realpath(name, NULL);
@@ -245,7 +247,7 @@ static void convert_target_abort(struct convert_target *t)
 }
 
 /* Move the flushed temporary into place. */
-static int convert_target_commit(struct convert_target *t)
+static int convert_target_commit(struct convert_target *t, bool durable)
 {
     int ret = 0;
     if (!t->tmp) {
@@ -259,8 +261,9 @@ static int convert_target_commit(struct convert_target *t)
     }
     convert_tmp_armed = 0;
     convert_block_signals(false);
-    if (0 == ret) {
-        /* make the rename itself durable */
+    if (0 == ret && durable) {
+        /* make the rename itself durable (not with -t unsafe: on ext4 the
+         * journal commit would write the new data out as well) */
         char *dir = convert_dirname(t->final);
         int fd = dir ? open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
         if (fd >= 0) {
@@ -268,7 +271,7 @@ static int convert_target_commit(struct convert_target *t)
             close(fd);
         }
         free(dir);
-    } else {
+    } else if (ret < 0) {
         cli_report("Could not move the new image into place as '%s': %s", t->final,
                    strerror(-ret));
     }
@@ -337,7 +340,7 @@ static int convert_check_snapshot_param(const char *arg)
 
 /* -l: "snapshot.id=I,snapshot.name=N" (qemu's options) or one word that is
  * tried as an id, then as a name. */
-static int convert_load_snapshot(struct vimg_image **srcs, int nsrc, const char *arg)
+int cli_load_snapshot(struct vimg_image **srcs, int nsrc, const char *arg)
 {
     struct vimg_image *src = srcs[0];
     struct vimg_error err = { 0 };
@@ -602,7 +605,7 @@ int cmd_convert(int argc, char **argv)
         }
         total += vimg_size(srcs[i]);
     }
-    if (snapshot && convert_load_snapshot(srcs, nsrc, snapshot) < 0) {
+    if (snapshot && cli_load_snapshot(srcs, nsrc, snapshot) < 0) {
         goto out_close;
     }
     total = 0;
@@ -749,7 +752,7 @@ int cmd_convert(int argc, char **argv)
     }
     vimg_close(dst);
     dst = NULL;
-    if (created && convert_target_commit(&target) < 0) {
+    if (created && convert_target_commit(&target, !copts.no_flush) < 0) {
         created = false;
         goto out_close;
     }

@@ -97,6 +97,10 @@ int cmd_measure(int argc, char **argv)
         if (!in) {
             goto out;
         }
+        if (snapshot && cli_load_snapshot(&in, 1, snapshot) < 0) {
+            vimg_close(in);
+            goto out;
+        }
     }
     const struct vimg_driver *drv = vimg_internal_find_driver(out_fmt);
     struct vimg_error err = { 0 };

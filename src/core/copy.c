@@ -1090,7 +1090,9 @@ struct cpool {
     const uint8_t *in;
     uint8_t *out;
     long *res;                  /* per cluster: length, 0 all zero, -errno */
-    uint64_t cluster, len, nclusters;
+    const uint64_t *lens;       /* per cluster: bytes to compress, 0 none */
+    bool skip_zero;             /* all-zero clusters are left out (res 0) */
+    uint64_t cluster, nclusters;
     uint64_t next;              /* next cluster to take */
     uint64_t finished;
     int ret;
@@ -1108,9 +1110,9 @@ static void cpool_run(struct cpool *p)
             return;
         }
         uint64_t off = i * p->cluster;
-        size_t clen = (size_t)VIMG_MIN(p->cluster, p->len - off);
+        size_t clen = (size_t)p->lens[i];
         long r = 0;
-        if (!vimg_is_zero(p->in + off, clen)) {
+        if (clen && !(p->skip_zero && vimg_is_zero(p->in + off, clen))) {
             struct vimg_error e = { 0 };
             r = dst->drv->compress_cluster(dst, p->out + off, (size_t)p->cluster,
                                            p->in + off, clen, &e);
@@ -1171,96 +1173,230 @@ static void cpool_batch(struct cpool *p)
     pthread_mutex_unlock(&p->lock);
 }
 
-static int job_compressed_parallel(struct copy_job *j, uint64_t total, uint64_t cluster)
+/*
+ * The walk for compressed output, as qemu cuts it: one cluster per request,
+ * a run shorter than a cluster counts as a whole data cluster, a longer one
+ * is cut down to whole clusters; zero runs stay zero.  Items are in target
+ * offsets and a data cluster may span two sources.
+ */
+struct citem {
+    enum item_kind kind;        /* ITEM_READ_SYNC (data), ITEM_ZERO, ITEM_SKIP */
+    uint64_t off, len;
+    bool counts;
+};
+
+static void cwalk_advance(struct copy_job *j, uint64_t n)
+{
+    while (n && j->w_idx < j->nsrc) {
+        uint64_t size = vimg_size(j->srcs[j->w_idx]);
+        uint64_t step = VIMG_MIN(n, size - j->w_off);
+        j->w_off += step;
+        n -= step;
+        if (j->w_off >= size) {
+            j->w_dst_base += size;
+            j->w_idx++;
+            j->w_off = 0;
+        }
+    }
+}
+
+static int cwalk_next(struct copy_job *j, uint64_t total, uint64_t cluster,
+                      struct citem *it, bool *have)
+{
+    *have = false;
+    while (j->w_idx < j->nsrc && j->w_off >= vimg_size(j->srcs[j->w_idx])) {
+        j->w_dst_base += vimg_size(j->srcs[j->w_idx]);
+        j->w_idx++;
+        j->w_off = 0;
+    }
+    if (j->w_idx >= j->nsrc) {
+        return 0;
+    }
+    struct vimg_image *src = j->srcs[j->w_idx];
+    uint64_t size = vimg_size(src), len, host_off;
+    struct vimg_file *host;
+    unsigned f;
+    int ret = job_status(j, src, j->w_off, size - j->w_off, &f, &len, &host, &host_off);
+    if (ret < 0) {
+        return ret;
+    }
+    memset(it, 0, sizeof(*it));
+    it->off = j->w_dst_base + j->w_off;
+    if (len < cluster) {
+        it->kind = ITEM_READ_SYNC;
+        it->len = VIMG_MIN(cluster, total - it->off);
+        it->counts = true;
+    } else {
+        len = vimg_align_down(len, cluster);
+        if ((f & VIMG_STATUS_ZERO) && j->o->sparse_size) {
+            it->kind = ITEM_ZERO;
+            it->len = len;
+        } else if (j->o->top_only && !(f & VIMG_STATUS_ALLOCATED)) {
+            it->kind = ITEM_SKIP;
+            it->len = len;
+        } else {
+            it->kind = ITEM_READ_SYNC;
+            it->len = cluster;
+            it->counts = true;
+        }
+    }
+    cwalk_advance(j, it->len);
+    *have = true;
+    return 0;
+}
+
+static int job_compressed_run(struct copy_job *j, uint64_t total, uint64_t cluster)
 {
     struct vimg_image *dst = j->dst;
-    struct cpool p = { .job = j, .cluster = cluster };
+    bool parallel = dst->drv->compress_cluster && dst->drv->write_compressed_data;
+    bool skip_zero = j->o->target_has_zero_init && j->o->sparse_size;
+    struct cpool p = { .job = j, .cluster = cluster, .skip_zero = skip_zero };
     unsigned nthreads = j->o->threads;
     uint8_t *in = NULL, *out = NULL;
     long *res = NULL;
+    uint64_t *lens = NULL;
+    struct citem *items = NULL;
     int ret = 0;
 
     if (!nthreads) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         nthreads = n > 0 ? (unsigned)VIMG_MIN(n, 64) : 1;
     }
-    uint64_t batch = VIMG_MAX(cluster, vimg_align_down(VIMG_MIN(
-        (uint64_t)COMPRESS_BATCH_MAX, VIMG_MAX(j->buf_size, (uint64_t)nthreads * 8 * cluster)),
-        cluster));
-    uint64_t nres = batch / cluster;
-    in = malloc((size_t)batch);
-    out = malloc((size_t)batch);
+    if (!parallel) {
+        nthreads = 1;
+    }
+    uint64_t nres = VIMG_MAX(1, VIMG_MIN((uint64_t)COMPRESS_BATCH_MAX,
+                                         VIMG_MAX(j->buf_size, (uint64_t)nthreads * 8 * cluster))
+                                / cluster);
+    in = malloc((size_t)(nres * cluster));
+    out = malloc((size_t)(nres * cluster));
     res = calloc((size_t)nres, sizeof(*res));
-    p.threads = calloc(nthreads, sizeof(*p.threads));
-    if (!in || !out || !res || !p.threads) {
+    lens = calloc((size_t)nres, sizeof(*lens));
+    items = calloc((size_t)nres, sizeof(*items));
+    if (!in || !out || !res || !lens || !items) {
         vimg_error_set(j->err, ENOMEM, "out of memory");
         ret = job_fail(j, -ENOMEM);
         goto out;
     }
-    pthread_mutex_init(&p.lock, NULL);
-    pthread_cond_init(&p.work, NULL);
-    pthread_cond_init(&p.done, NULL);
-    /* the main thread is one of the workers */
-    for (unsigned i = 1; i < nthreads; i++) {
-        if (pthread_create(&p.threads[p.nthreads], NULL, cpool_worker, &p)) {
-            break;
+
+    /* qemu's progress denominator: the same walk, counted first */
+    for (bool have = true; have && j->ret >= 0;) {
+        struct citem it;
+        if (cwalk_next(j, total, cluster, &it, &have) < 0) {
+            goto out;
         }
-        p.nthreads++;
+        if (have && it.counts) {
+            j->allocated_total += it.len;
+        }
+        if (job_cancelled(j)) {
+            goto out;
+        }
     }
-    j->allocated_total = total;
-    for (uint64_t off = 0; off < total && j->ret >= 0;) {
+    j->w_idx = 0;
+    j->w_off = j->w_dst_base = 0;
+
+    if (parallel) {
+        pthread_mutex_init(&p.lock, NULL);
+        pthread_cond_init(&p.work, NULL);
+        pthread_cond_init(&p.done, NULL);
+        p.threads = calloc(nthreads, sizeof(*p.threads));
+        /* the main thread is one of the workers */
+        for (unsigned i = 1; p.threads && i < nthreads; i++) {
+            if (pthread_create(&p.threads[p.nthreads], NULL, cpool_worker, &p)) {
+                break;
+            }
+            p.nthreads++;
+        }
+    }
+    for (bool have = true; have && j->ret >= 0;) {
+        uint64_t k = 0;
         if (job_cancelled(j)) {
             break;
         }
-        uint64_t n = VIMG_MIN(batch, total - off);
-        if (job_read_concat(j, in, n, off) < 0) {
+        while (k < nres && j->ret >= 0) {
+            if (cwalk_next(j, total, cluster, &items[k], &have) < 0 || !have) {
+                break;
+            }
+            lens[k] = 0;
+            if (ITEM_READ_SYNC == items[k].kind) {
+                if (job_read_concat(j, in + k * cluster, items[k].len, items[k].off) < 0) {
+                    break;
+                }
+                lens[k] = items[k].len;
+            }
+            k++;
+        }
+        if (j->ret < 0) {
             break;
         }
-        p.in = in;
-        p.out = out;
-        p.res = res;
-        p.len = n;
-        p.nclusters = vimg_div_round_up(n, cluster);
-        cpool_batch(&p);
-        for (uint64_t i = 0; i < p.nclusters && j->ret >= 0; i++) {
-            uint64_t c = i * cluster;
-            size_t clen = (size_t)VIMG_MIN(cluster, n - c);
-            if (res[i] < 0 && -ENOSPC != res[i]) {
-                job_fail(j, (int)res[i]);
-            } else if (0 == res[i]) {
+        if (parallel && k) {
+            p.in = in;
+            p.out = out;
+            p.res = res;
+            p.lens = lens;
+            p.nclusters = k;
+            cpool_batch(&p);
+        }
+        for (uint64_t i = 0; i < k && j->ret >= 0; i++) {
+            struct citem *it = &items[i];
+            uint8_t *buf = in + i * cluster;
+            if (ITEM_ZERO == it->kind) {
                 if (!j->o->target_has_zero_init &&
-                    (ret = vimg_write_zeroes(dst, off + c, clen, 0, j->err)) < 0) {
+                    (ret = vimg_write_zeroes(dst, it->off, it->len, 0, j->err)) < 0) {
                     job_fail(j, ret);
                 }
+            } else if (ITEM_SKIP == it->kind) {
+                /* left to the target's backing file */
+            } else if (parallel ? 0 == res[i]
+                                : skip_zero && vimg_is_zero(buf, (size_t)it->len)) {
+                /* qemu leaves out zero clusters only on a zeroed target
+                 * with -S; otherwise they are compressed like the rest */
+            } else if (!parallel) {
+                ret = dst->drv->write_compressed(dst, buf, (size_t)it->len, it->off, j->err);
+                if (ret < 0) {
+                    job_fail(j, ret);
+                }
+            } else if (res[i] < 0 && -ENOSPC != res[i]) {
+                job_fail(j, (int)res[i]);
             } else if (-ENOSPC == res[i]) {
-                /* incompressible: stored plainly, as qemu does */
-                if ((ret = vimg_pwrite(dst, in + c, clen, off + c, j->err)) < 0) {
+                /* incompressible: stored plainly, as qemu does, unless the
+                 * format only takes compressed data (vmdk stream): then
+                 * the driver's own write_compressed decides */
+                ret = dst->limits.needs_compressed_writes
+                      ? dst->drv->write_compressed(dst, buf, (size_t)it->len, it->off, j->err)
+                      : vimg_pwrite(dst, buf, (size_t)it->len, it->off, j->err);
+                if (ret < 0) {
                     job_fail(j, ret);
                 }
-            } else if ((ret = dst->drv->write_compressed_data(dst, out + c, (size_t)res[i],
-                                                              clen, off + c, j->err)) < 0) {
+            } else if ((ret = dst->drv->write_compressed_data(dst, out + i * cluster,
+                                                              (size_t)res[i],
+                                                              (size_t)it->len, it->off,
+                                                              j->err)) < 0) {
                 job_fail(j, ret);
             }
-        }
-        off += n;
-        if (j->ret >= 0) {
-            job_progress(j, n);
+            if (j->ret >= 0 && it->counts) {
+                job_progress(j, it->len);
+            }
         }
     }
-    pthread_mutex_lock(&p.lock);
-    p.stop = true;
-    pthread_cond_broadcast(&p.work);
-    pthread_mutex_unlock(&p.lock);
-    for (unsigned i = 0; i < p.nthreads; i++) {
-        pthread_join(p.threads[i], NULL);
+    if (parallel) {
+        pthread_mutex_lock(&p.lock);
+        p.stop = true;
+        pthread_cond_broadcast(&p.work);
+        pthread_mutex_unlock(&p.lock);
+        for (unsigned i = 0; i < p.nthreads; i++) {
+            pthread_join(p.threads[i], NULL);
+        }
+        pthread_mutex_destroy(&p.lock);
+        pthread_cond_destroy(&p.work);
+        pthread_cond_destroy(&p.done);
     }
-    pthread_mutex_destroy(&p.lock);
-    pthread_cond_destroy(&p.work);
-    pthread_cond_destroy(&p.done);
 out:
     free(in);
     free(out);
     free(res);
+    free(lens);
+    free(items);
     free(p.threads);
     return j->ret;
 }
@@ -1269,51 +1405,16 @@ static int job_compressed(struct copy_job *j, uint64_t total)
 {
     struct vimg_image *dst = j->dst;
     uint64_t cluster = dst->limits.cluster_size;
-    int ret;
 
     if (!dst->drv->write_compressed || dst->drv->data_only) {
         vimg_error_set(j->err, ENOTSUP, "Compression not supported for this file format");
         return job_fail(j, -ENOTSUP);
     }
-    if (0 == cluster || cluster > j->buf_size) {
+    if (0 == cluster || cluster > 16 * 1024 * 1024) {
         vimg_error_set(j->err, EINVAL, "invalid cluster size");
         return job_fail(j, -EINVAL);
     }
-    if (dst->drv->compress_cluster && dst->drv->write_compressed_data) {
-        return job_compressed_parallel(j, total, cluster);
-    }
-    uint64_t chunk = vimg_align_down(j->buf_size, cluster);
-    uint8_t *buf = j->slots[0].buf;
-    j->allocated_total = total;
-    for (uint64_t off = 0; off < total && j->ret >= 0;) {
-        if (job_cancelled(j)) {
-            break;
-        }
-        uint64_t n = VIMG_MIN(chunk, total - off);
-        ret = job_read_concat(j, buf, n, off);
-        if (ret < 0) {
-            break;
-        }
-        for (uint64_t c = 0; c < n; c += cluster) {
-            uint64_t clen = VIMG_MIN(cluster, n - c);
-            if (vimg_is_zero(buf + c, (size_t)clen)) {
-                if (!j->o->target_has_zero_init) {
-                    ret = vimg_write_zeroes(dst, off + c, clen, 0, j->err);
-                    if (ret < 0) {
-                        return job_fail(j, ret);
-                    }
-                }
-                continue;
-            }
-            ret = dst->drv->write_compressed(dst, buf + c, (size_t)clen, off + c, j->err);
-            if (ret < 0) {
-                return job_fail(j, ret);
-            }
-        }
-        off += n;
-        job_progress(j, n);
-    }
-    return j->ret;
+    return job_compressed_run(j, total, cluster);
 }
 
 int vimg_copy(struct vimg_image *const *srcs, int nsrc, struct vimg_image *dst,

@@ -537,6 +537,12 @@ int vimg_internal_block_status_host(struct vimg_image *img, uint64_t offset,
             st->length = run.length;
             st->depth = depth;
             st->flags = VIMG_STATUS_ZERO;
+            if ((run.flags & VIMG_RUN_HOST_VALID) && run.host) {
+                /* qemu's OFFSET_VALID without data (qcow2 subclusters) */
+                st->flags |= VIMG_STATUS_HOST_VALID;
+                st->host_offset = run.host_off;
+                st->host_file = run.host->name;
+            }
             return 0;
         }
         depth++;

@@ -71,8 +71,8 @@ static bool qcow2_known_fmt(const char *f)
 
 /* qemu's metadata preallocation: per L2 table, the table first and then
  * its data clusters in one contiguous run, entries NORMAL|COPIED. */
-static int qcow2_prealloc_metadata(struct vimg_image *img, uint64_t from, uint64_t to,
-                                   struct vimg_error *err)
+int qcow2_prealloc_metadata(struct vimg_image *img, uint64_t from, uint64_t to,
+                            struct vimg_error *err)
 {
     struct qcow2_state *s = qcow2_s(img);
     bool data_file = !!(s->incompat & QCOW2_INCOMPAT_DATAFILE);

@@ -883,6 +883,83 @@ int qcow2_update_incompat(struct vimg_image *img, uint64_t incompat, struct vimg
     return 0;
 }
 
+/* The bitmap directory as qemu's Qcow2BitmapInfo list, or NULL. */
+static struct vimg_qobj *qcow2_bitmap_list(struct vimg_image *img)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    int64_t fsize = vimg_file_size(img->file);
+    uint64_t size, off;
+    struct vimg_qobj *l;
+    uint8_t *dir;
+
+    if (!s->has_bitmaps_ext || s->version < 3 || fsize < 0) {
+        return NULL;
+    }
+    size = vimg_ld_be64(s->bitmaps_ext + 8);
+    off = vimg_ld_be64(s->bitmaps_ext + 16);
+    if (!size || off > (uint64_t)fsize || size > (uint64_t)fsize - off) {
+        return NULL;
+    }
+    dir = malloc(size);
+    if (!dir || vimg_file_pread(img->file, dir, size, off) < 0) {
+        free(dir);
+        return NULL;
+    }
+    l = vimg_q_list();
+    for (uint64_t p = 0, n = 0; l && p + 24 <= size && n < vimg_ld_be32(s->bitmaps_ext); n++) {
+        uint32_t flags = vimg_ld_be32(dir + p + 12);
+        uint32_t gbits = dir[p + 17];
+        uint32_t name_len = vimg_ld_be16(dir + p + 18);
+        uint32_t extra = vimg_ld_be32(dir + p + 20);
+        struct vimg_qobj *b, *fl;
+        char *name;
+        if (p + 24 + extra + name_len > size || gbits > 63) {
+            break;
+        }
+        name = strndup((const char *)dir + p + 24 + extra, name_len);
+        b = vimg_q_dict();
+        fl = vimg_q_list();
+        if (flags & 1) {
+            vimg_q_append(fl, vimg_q_str("in-use"));
+        }
+        if (flags & 2) {
+            vimg_q_append(fl, vimg_q_str("auto"));
+        }
+        vimg_q_put(b, "name", vimg_q_str(name ? name : ""));
+        vimg_q_put(b, "granularity", vimg_q_int((int64_t)(1ull << gbits)));
+        vimg_q_put(b, "flags", fl);
+        vimg_q_append(l, b);
+        free(name);
+        p += (24 + (uint64_t)extra + name_len + 7) & ~7ull;
+    }
+    free(dir);
+    if (l && !vimg_q_count(l)) {
+        vimg_q_free(l);
+        l = NULL;
+    }
+    return l;
+}
+
+uint64_t qcow2_bitmaps_size(struct vimg_image *img, uint64_t cs)
+{
+    struct vimg_qobj *l = qcow2_bitmap_list(img);
+    uint64_t total = 0, dir = 0;
+
+    for (size_t i = 0; l && i < vimg_q_count(l); i++) {
+        struct vimg_qobj *b = vimg_q_index(l, i);
+        uint64_t g = (uint64_t)vimg_q_get_int(vimg_q_get(b, "granularity"));
+        uint64_t bytes = vimg_div_round_up(vimg_div_round_up(img->size, g), 8);
+        uint64_t clusters = vimg_div_round_up(bytes, cs), t;
+        total += clusters * cs;
+        vimg_round_up(clusters * 8, cs, &t);
+        total += t;
+        dir += (24 + strlen(vimg_q_get_str(vimg_q_get(b, "name"))) + 7) & ~7ull;
+    }
+    vimg_q_free(l);
+    vimg_round_up(dir, cs, &dir);
+    return total + dir;
+}
+
 static int qcow2_info(struct vimg_image *img, struct vimg_qobj **out, struct vimg_error *err)
 {
     struct qcow2_state *s = qcow2_s(img);
@@ -901,6 +978,12 @@ static int qcow2_info(struct vimg_image *img, struct vimg_qobj **out, struct vim
         vimg_q_put(d, "compression-type",
                    vimg_q_str(s->compression_type ? "zstd" : "zlib"));
         vimg_q_put(d, "lazy-refcounts", vimg_q_bool(!!(s->compat & QCOW2_COMPAT_LAZY)));
+        {
+            struct vimg_qobj *bm = qcow2_bitmap_list(img);
+            if (bm) {
+                vimg_q_put(d, "bitmaps", bm);
+            }
+        }
         vimg_q_put(d, "refcount-bits", vimg_q_int(s->refcount_bits));
         if (s->data_file_name) {
             vimg_q_put(d, "data-file", vimg_q_str(s->data_file_name));
@@ -995,4 +1078,6 @@ const struct vimg_driver vimg_driver_qcow2 = {
     .has_zero_init = qcow2_has_zero_init,
     .write_compressed = qcow2_write_compressed,
     .image_info = qcow2_image_info,
+    .compress_cluster = qcow2_compress_cluster,
+    .write_compressed_data = qcow2_write_compressed_data,
 };

@@ -135,6 +135,6 @@ int qcow2_measure(const struct vimg_opts *opts, struct vimg_image *in,
                                                ext);
     out->required = out->fully_allocated - size + required;
     out->has_bitmaps = version >= 3 && in && 0 == strcmp(in->drv->name, "qcow2");
-    out->bitmaps = 0;
+    out->bitmaps = out->has_bitmaps ? qcow2_bitmaps_size(in, cs) : 0;
     return 0;
 }

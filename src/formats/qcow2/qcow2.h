@@ -191,6 +191,7 @@ int qcow2_io_error(struct vimg_image *img, int ret, const char *what,
 void qcow2_free_snapshots(struct qcow2_state *s);
 /* Build the whole first cluster (header + extensions + backing name). */
 int qcow2_build_header(struct qcow2_state *s, uint8_t *buf, struct vimg_error *err);
+uint64_t qcow2_bitmaps_size(struct vimg_image *img, uint64_t cs);
 int qcow2_snapshot_list(struct vimg_image *img, struct vimg_qobj **out,
                         struct vimg_error *err);
 
@@ -248,9 +249,17 @@ int qcow2_truncate(struct vimg_image *img, uint64_t size, enum vimg_prealloc pre
 int qcow2_write_compressed(struct vimg_image *img, const void *buf, size_t len,
                            uint64_t offset, struct vimg_error *err);
 int qcow2_mark_dirty(struct vimg_image *img, struct vimg_error *err);
+long qcow2_compress_cluster(struct vimg_image *img, void *out, size_t out_cap,
+                            const void *buf, size_t len, struct vimg_error *err);
+int qcow2_write_compressed_data(struct vimg_image *img, const void *cdata, size_t clen,
+                                size_t len, uint64_t offset, struct vimg_error *err);
 
 /* create.c */
 extern const struct vimg_opt_desc qcow2_create_opts[];
+/* Allocate L2 tables and data clusters for [from, to), as qemu's
+ * preallocation=metadata does. */
+int qcow2_prealloc_metadata(struct vimg_image *img, uint64_t from, uint64_t to,
+                            struct vimg_error *err);
 int qcow2_create(const char *filename, const struct vimg_opts *opts,
                  struct vimg_error *err);
 

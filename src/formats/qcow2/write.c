@@ -32,6 +32,15 @@ int qcow2_mark_dirty(struct vimg_image *img, struct vimg_error *err)
             return -EIO;
         }
     }
+    if (s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) {
+        /* vimg does not track dirty bitmaps: as the spec asks of such a
+         * program, mark them inconsistent before changing the image */
+        s->autoclear &= ~QCOW2_AUTOCLEAR_BITMAPS;
+        ret = qcow2_write_header(img, err);
+        if (ret < 0) {
+            return ret;
+        }
+    }
     if (!s->lazy || s->version < 3 || (s->incompat & QCOW2_INCOMPAT_DIRTY)) {
         return 0;
     }
@@ -432,13 +441,39 @@ int qcow2_flush(struct vimg_image *img, struct vimg_error *err)
     return 0;
 }
 
-int qcow2_write_compressed(struct vimg_image *img, const void *buf, size_t len,
-                           uint64_t offset, struct vimg_error *err)
+long qcow2_compress_cluster(struct vimg_image *img, void *out, size_t out_cap,
+                            const void *buf, size_t len, struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    uint8_t *in;
+    long clen;
+
+    if (len > s->cluster_size || out_cap < 1) {
+        vimg_error_set(err, EINVAL, "'%s': compressed writes must be whole clusters",
+                       img->filename);
+        return -EINVAL;
+    }
+    /* a short last cluster is padded with zeros, as qemu does */
+    in = calloc(1, s->cluster_size);
+    if (!in) {
+        vimg_error_set(err, ENOMEM, "out of memory");
+        return -ENOMEM;
+    }
+    memcpy(in, buf, len);
+    clen = qcow2_compress((int)s->compression_type, out,
+                          VIMG_MIN(out_cap, s->cluster_size - 1), in, s->cluster_size);
+    free(in);
+    if (clen < 0 && -ENOSPC != clen) {
+        vimg_error_set(err, EIO, "'%s': compression failed", img->filename);
+    }
+    return clen;
+}
+
+int qcow2_write_compressed_data(struct vimg_image *img, const void *cdata, size_t clen,
+                                size_t len, uint64_t offset, struct vimg_error *err)
 {
     struct qcow2_state *s = qcow2_s(img);
     uint64_t l2_off, idx, entry, bitmap, host, nsec, new_entry;
-    uint8_t *in = NULL, *out = NULL;
-    long clen;
     int ret;
 
     if (s->incompat & QCOW2_INCOMPAT_DATAFILE) {
@@ -446,63 +481,69 @@ int qcow2_write_compressed(struct vimg_image *img, const void *buf, size_t len,
                        "files");
         return -ENOTSUP;
     }
-    if (qcow2_offset_into_cluster(s, offset) || len > s->cluster_size) {
+    if (qcow2_offset_into_cluster(s, offset) || len > s->cluster_size || !clen ||
+        clen >= s->cluster_size) {
         vimg_error_set(err, EINVAL, "'%s': compressed writes must be whole clusters",
                        img->filename);
         return -EINVAL;
     }
-    if (0 == len) {
-        return 0;
-    }
-    in = calloc(1, s->cluster_size);
-    out = malloc(s->cluster_size);
-    if (!in || !out) {
-        free(in);
-        free(out);
-        vimg_error_set(err, ENOMEM, "out of memory");
-        return -ENOMEM;
-    }
-    memcpy(in, buf, len);
-    clen = qcow2_compress((int)s->compression_type, out, s->cluster_size - 1, in,
-                          s->cluster_size);
-    if (clen < 0) {
-        free(in);
-        free(out);
-        if (-ENOSPC == clen) {
-            /* does not shrink: store it plainly, as qemu does */
-            return qcow2_write(img, buf, len, offset, err);
-        }
-        vimg_error_set(err, EIO, "'%s': compression failed", img->filename);
-        return -EIO;
-    }
-    free(in);
     ret = qcow2_mark_dirty(img, err);
     if (ret >= 0) {
         ret = qcow2_lookup_w(img, offset, &l2_off, &idx, &entry, &bitmap, err);
     }
     if (ret >= 0) {
-        ret = qcow2_alloc_bytes(img, (uint64_t)clen, &host, err);
+        ret = qcow2_alloc_bytes(img, clen, &host, err);
     }
     if (ret >= 0) {
-        ret = vimg_file_pwrite(img->file, out, (size_t)clen, host);
+        ret = vimg_file_pwrite(img->file, cdata, clen, host);
         if (ret < 0) {
             qcow2_io_error(img, ret, "Could not write compressed data", err);
         }
     }
-    free(out);
     if (ret < 0) {
         return ret;
     }
     if (s->cbuf_guest == offset) {
         s->cbuf_guest = UINT64_MAX;
     }
-    nsec = ((host + (uint64_t)clen - 1) >> 9) - (host >> 9);
+    nsec = ((host + clen - 1) >> 9) - (host >> 9);
     new_entry = QCOW2_OFLAG_COMPRESSED | (nsec << s->csize_shift) | host;
     ret = qcow2_set_l2(img, l2_off, idx, new_entry, 0, err);
     if (ret < 0) {
         return ret;
     }
     return qcow2_release_entry(img, entry, 0, err);
+}
+
+int qcow2_write_compressed(struct vimg_image *img, const void *buf, size_t len,
+                           uint64_t offset, struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    uint8_t *out;
+    long clen;
+    int ret;
+
+    if (0 == len) {
+        return 0;
+    }
+    out = malloc(s->cluster_size);
+    if (!out) {
+        vimg_error_set(err, ENOMEM, "out of memory");
+        return -ENOMEM;
+    }
+    clen = qcow2_compress_cluster(img, out, s->cluster_size - 1, buf, len, err);
+    if (-ENOSPC == clen) {
+        /* does not shrink: store it plainly, as qemu does */
+        free(out);
+        return qcow2_write(img, buf, len, offset, err);
+    }
+    if (clen < 0) {
+        free(out);
+        return (int)clen;
+    }
+    ret = qcow2_write_compressed_data(img, out, (size_t)clen, len, offset, err);
+    free(out);
+    return ret;
 }
 
 /* Replace the L1 table by one of new_size entries (growing only). */
@@ -589,14 +630,9 @@ int qcow2_truncate(struct vimg_image *img, uint64_t size, enum vimg_prealloc pre
         vimg_error_set(err, ENOTSUP, "Can't resize a v2 image which has snapshots");
         return -ENOTSUP;
     }
-    if (VIMG_PREALLOC_OFF != prealloc) {
-        if (size < img->size) {
-            vimg_error_set(err, EINVAL, "Preallocation can't be used for shrinking an image");
-            return -EINVAL;
-        }
-        vimg_error_set(err, ENOTSUP, "Unsupported preallocation mode '%s'",
-                       vimg_prealloc_name(prealloc));
-        return -ENOTSUP;
+    if (VIMG_PREALLOC_OFF != prealloc && size < img->size) {
+        vimg_error_set(err, EINVAL, "Preallocation can't be used for shrinking an image");
+        return -EINVAL;
     }
     if (need > QCOW2_MAX_L1_SIZE / 8) {
         vimg_error_set(err, EFBIG, "File too large");
@@ -683,9 +719,31 @@ int qcow2_truncate(struct vimg_image *img, uint64_t size, enum vimg_prealloc pre
             return ret;
         }
     }
-    ret = qcow2_set_size(img, size, err);
-    if (ret < 0) {
-        return ret;
+    {
+        uint64_t old_size = img->size;
+        int64_t old_len = vimg_file_size(s->data_file ? s->data_file : img->file);
+        ret = qcow2_set_size(img, size, err);
+        if (ret < 0) {
+            return ret;
+        }
+        if (VIMG_PREALLOC_OFF != prealloc && size > old_size) {
+            struct vimg_file *df = s->data_file ? s->data_file : img->file;
+            ret = qcow2_prealloc_metadata(img, old_size, size, err);
+            if (ret < 0) {
+                return ret;
+            }
+            if (VIMG_PREALLOC_METADATA != prealloc && old_len >= 0) {
+                int64_t len = vimg_file_size(df);
+                if (len > old_len) {
+                    ret = df->ops->allocate(df, (uint64_t)old_len, (uint64_t)(len - old_len),
+                                            VIMG_PREALLOC_FULL == prealloc ? VIMG_ALLOC_FULL
+                                                                           : VIMG_ALLOC_FALLOC);
+                    if (ret < 0 && -ENOTSUP != ret) {
+                        return qcow2_io_error(img, ret, "Could not preallocate data", err);
+                    }
+                }
+            }
+        }
     }
     return vimg_file_sync(img->file) < 0 ? qcow2_io_error(img, -EIO, "Could not flush", err)
                                          : 0;

@@ -1005,8 +1005,9 @@ static int vmdk_block_status(struct vimg_image *img, uint64_t offset, uint64_t m
         while (r + len < limit) {
             enum vmdk_grain_state st2;
             uint64_t host2, gte2;
-            if (vmdk_grain(img, e, r + len, &st2, &host2, &gte2, err) < 0) {
-                vimg_error_clear(err);
+            struct vimg_error e2 = { 0 };
+            /* a bad entry ends the run here; the next call reports it */
+            if (vmdk_grain(img, e, r + len, &st2, &host2, &gte2, &e2) < 0) {
                 break;
             }
             if (st2 != st) {
