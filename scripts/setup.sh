@@ -3,7 +3,8 @@
 # need, only when missing; uses sudo when not root.
 set -eu
 PKGS="build-essential zlib1g-dev libzstd-dev liburing-dev libaio-dev libssl-dev
-libcmocka-dev cmake ninja-build pkg-config clang qemu-utils python3 time"
+libcmocka-dev cmake ninja-build pkg-config clang qemu-utils python3 time
+libvirt-daemon libvirt-clients"
 missing=""
 for p in $PKGS; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -264,6 +264,10 @@ struct vimg_driver {
      * convert says so with qemu's message. */
     int (*snapshot_load_tmp)(struct vimg_image *img, const char *id, const char *name,
                              struct vimg_error *err);
+    /* Called once the backing chain is open (not with NO_BACKING), so a
+     * driver can compare what it recorded with the backing file it got; it
+     * may record a warning with vimg_internal_warn.  Failing fails the open. */
+    int (*backing_opened)(struct vimg_image *img, struct vimg_error *err);
     /* New ops come here (append only; never reorder). */
 };
 

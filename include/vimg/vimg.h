@@ -84,6 +84,9 @@ VIMG_API int vimg_open(struct vimg_image **out, const char *filename,
 VIMG_API void vimg_close(struct vimg_image *img);
 
 VIMG_API uint64_t vimg_size(const struct vimg_image *img);
+/* A warning the driver recorded while opening this image (one line), or
+ * NULL.  The library never prints: callers show it. */
+VIMG_API const char *vimg_warning(const struct vimg_image *img);
 VIMG_API const char *vimg_format(const struct vimg_image *img);
 VIMG_API const char *vimg_filename(const struct vimg_image *img);
 /* The next image down the backing chain, or NULL. */

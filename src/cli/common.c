@@ -103,6 +103,11 @@ struct vimg_image *cli_open(const char *filename, const char *fmt, unsigned flag
         cli_report_err(&err);
         return NULL;
     }
+    for (struct vimg_image *l = img; l; l = vimg_backing(l)) {
+        if (vimg_warning(l) && !quiet) {
+            fprintf(stderr, "%s: warning: %s\n", cli_progname, vimg_warning(l));
+        }
+    }
     if (probed_raw) {
         fprintf(stderr,
                 "WARNING: Image format was not specified for '%s' and probing guessed raw.\n"

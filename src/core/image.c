@@ -2,6 +2,8 @@
 #include "config.h"
 
 #include <assert.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <inttypes.h>
 #include <errno.h>
 #include <limits.h>
@@ -40,11 +42,30 @@ int vimg_internal_set_backing(struct vimg_image *img, const char *name, const ch
     return 0;
 }
 
+void vimg_internal_warn(struct vimg_image *img, const char *fmt, ...)
+{
+    va_list ap;
+    if (img->warning) {
+        return;     /* the first warning is the one that matters */
+    }
+    va_start(ap, fmt);
+    if (vasprintf(&img->warning, fmt, ap) < 0) {
+        img->warning = NULL;
+    }
+    va_end(ap);
+}
+
+const char *vimg_warning(const struct vimg_image *img)
+{
+    return img->warning;
+}
+
 static void image_free(struct vimg_image *img)
 {
     if (!img) {
         return;
     }
+    free(img->warning);
     vimg_file_close(img->file);
     free(img->opaque);
     free(img->filename);
@@ -394,6 +415,11 @@ int vimg_open(struct vimg_image **out, const char *filename, const char *format,
     }
     if (!(flags & VIMG_OPEN_NO_BACKING)) {
         ret = open_backing_chain(img, flags, err);
+        for (struct vimg_image *l = img; ret >= 0 && l; l = l->backing) {
+            if (l->backing && l->drv->backing_opened) {
+                ret = DRV_CALL(err, l->drv->backing_opened(l, err));
+            }
+        }
         if (ret < 0) {
             vimg_error_prefix(err, "Could not open '%s': ", filename);
             vimg_close(img);

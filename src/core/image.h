@@ -23,7 +23,12 @@ struct vimg_image {
     char *backing_fmt;            /* as stored, or NULL */
     char *full_backing_name;      /* resolved against the image's folder */
     struct vimg_image *backing;
+    char *warning;                /* recorded by the driver, shown by the CLI */
 };
+
+/* For drivers: record a one-line warning for the caller to show. */
+void vimg_internal_warn(struct vimg_image *img, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 
 extern const struct vimg_driver *const vimg_internal_drivers[];
 

@@ -436,6 +436,16 @@ static int cow_check_backing(struct vimg_image *img, struct vimg_error *err)
     return s->backing_mismatch;
 }
 
+/* As UML does on open: say so when the backing file no longer matches. */
+static int cow_backing_opened(struct vimg_image *img, struct vimg_error *err)
+{
+    struct vimg_error local = { 0 };
+    if (cow_check_backing(img, &local) < 0) {
+        vimg_internal_warn(img, "%s", local.msg);
+    }
+    return 0;
+}
+
 /* Set the bits of sectors [first, last]. */
 static int cow_set_bits(struct vimg_image *img, uint64_t first, uint64_t last,
                         struct vimg_error *err)
@@ -862,4 +872,5 @@ const struct vimg_driver vimg_driver_cow = {
     .write = cow_write,
     .flush = cow_flush,
     .has_zero_init = cow_has_zero_init,
+    .backing_opened = cow_backing_opened,
 };

@@ -949,7 +949,7 @@ uint64_t qcow2_bitmaps_size(struct vimg_image *img, uint64_t cs)
         struct vimg_qobj *b = vimg_q_index(l, i);
         uint64_t g = (uint64_t)vimg_q_get_int(vimg_q_get(b, "granularity"));
         uint64_t bytes = vimg_div_round_up(vimg_div_round_up(img->size, g), 8);
-        uint64_t clusters = vimg_div_round_up(bytes, cs), t;
+        uint64_t clusters = vimg_div_round_up(bytes, cs), t = 0;
         total += clusters * cs;
         vimg_round_up(clusters * 8, cs, &t);
         total += t;

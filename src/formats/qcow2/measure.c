@@ -28,7 +28,7 @@ static uint64_t qcow2_refcount_meta(uint64_t clusters, uint64_t cs, unsigned ord
 
 static uint64_t qcow2_prealloc_size(uint64_t size, uint64_t cs, unsigned order, bool ext)
 {
-    uint64_t l2e = ext ? 16 : 8, meta = cs, nl1e, nl2e, aligned;
+    uint64_t l2e = ext ? 16 : 8, meta = cs, nl1e, nl2e, aligned = 0;
 
     vimg_round_up(size, cs, &aligned);
     nl2e = aligned / cs;
@@ -119,7 +119,7 @@ int qcow2_measure(const struct vimg_opts *opts, struct vimg_image *in,
                     /* holes cost nothing */
                 } else if ((st.flags & (VIMG_STATUS_DATA | VIMG_STATUS_ALLOCATED)) ==
                            (VIMG_STATUS_DATA | VIMG_STATUS_ALLOCATED)) {
-                    uint64_t end;
+                    uint64_t end = 0;
                     vimg_round_up(off + pnum, cs, &end);
                     pnum = end - off;
                     required += off % cs + pnum;

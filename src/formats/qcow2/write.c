@@ -639,7 +639,7 @@ int qcow2_truncate(struct vimg_image *img, uint64_t size, enum vimg_prealloc pre
         return -EFBIG;
     }
     if (size < img->size) {
-        uint64_t gc;
+        uint64_t gc = 0;
         vimg_round_up(size, s->cluster_size, &gc);
         for (; gc < img->size; gc += s->cluster_size) {
             uint64_t l1_idx = gc >> shift;

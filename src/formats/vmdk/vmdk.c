@@ -276,7 +276,7 @@ static int vmdk_open_vmdk4(struct vimg_image *img, struct vmdk_extent *e, bool t
     }
     if (VMDK_GD_AT_END == h.gd_off) {
         uint8_t ft[1536];
-        uint64_t end;
+        uint64_t end = 0;
         vimg_round_up(fsize, VMDK_SECTOR, &end);
         if (end < sizeof(ft)) {
             vimg_error_set(err, EINVAL, "Invalid footer");
@@ -386,7 +386,7 @@ static int vmdk_open_vmdk4(struct vimg_image *img, struct vmdk_extent *e, bool t
         free(t);
     }
     {
-        uint64_t sectors = vimg_div_round_up(fsize, VMDK_SECTOR), r;
+        uint64_t sectors = vimg_div_round_up(fsize, VMDK_SECTOR), r = 0;
         vimg_round_up(sectors, h.grain, &r);
         e->next_alloc = r * VMDK_SECTOR;
     }
