@@ -571,6 +571,15 @@ int vimg_internal_block_status_host(struct vimg_image *img, uint64_t offset,
             }
             return 0;
         }
+        if (offset >= layer->backing->size) {
+            /* past the end of a shorter backing file: zeros, reported at
+             * this layer's depth and not allocated, as qemu does */
+            st->length = run.length;
+            st->depth = depth;
+            st->flags = VIMG_STATUS_ZERO;
+            return 0;
+        }
+        max_len = VIMG_MIN(max_len, layer->backing->size - offset);
         depth++;
         layer = layer->backing;
     }
