@@ -1,62 +1,9 @@
-/* The qcow driver through the core on an in-memory file: probe, open, info,
- * block status over the whole image, reads of every run, and a few writes
- * (allocation, copy-on-write, bitmap or table updates). */
+/* The qcow driver under the shared driver fuzz body (fuzz_driver.h). */
 #include "config.h"
 
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include "core/image.h"
-#include "core/info.h"
+#include "fuzz_driver.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    struct vimg_file *f;
-    struct vimg_image *img;
-    struct vimg_error err = { 0 };
-    struct vimg_qobj *info = NULL;
-    uint8_t buf[4096];
-    int runs = 0;
-
-    if (vimg_file_open_mem(&f, "fuzz.qcow", data, size, size + 262144, true) < 0) {
-        return 0;
-    }
-    /* probe first; inputs another driver claims are opened as qcow too */
-    if (vimg_internal_open_file(&img, f, NULL, VIMG_OPEN_RDWR, &err) < 0) {
-        return 0;
-    }
-    if (strcmp(vimg_format(img), "qcow")) {
-        vimg_close(img);
-        if (vimg_file_open_mem(&f, "fuzz.qcow", data, size, size + 262144, true) < 0 ||
-            vimg_internal_open_file(&img, f, "qcow", VIMG_OPEN_RDWR, &err) < 0) {
-            return 0;
-        }
-    }
-    if (0 == vimg_internal_image_info(img, &info, &err)) {
-        char *s = vimg_q_to_json(info);
-        free(s);
-        vimg_q_free(info);
-    }
-    /* bounded: a hostile map may have very many runs */
-    for (uint64_t off = 0; off < vimg_size(img) && runs < 100000; runs++) {
-        struct vimg_status st;
-        if (vimg_block_status(img, off, vimg_size(img) - off, &st, &err) < 0) {
-            break;
-        }
-        size_t n = st.length < sizeof(buf) ? (size_t)st.length : sizeof(buf);
-        if (vimg_pread(img, buf, n, off, &err) < 0) {
-            break;
-        }
-        off += st.length;
-    }
-    vimg_error_clear(&err);
-    if (vimg_size(img) >= 8192) {
-        memset(buf, 0xa5, sizeof(buf));
-        vimg_pwrite(img, buf, 700, 300, &err);
-        vimg_pwrite(img, buf, 4096, vimg_size(img) - 4096, &err);
-        vimg_pread(img, buf, 4096, 0, &err);
-    }
-    vimg_close(img);
-    return 0;
+    return vimg_fuzz_driver(data, size, "qcow", "fuzz.qcow");
 }
