@@ -174,13 +174,12 @@ long vmdk_deflate(void *out, size_t out_cap, const void *buf, size_t len)
     return Z_OK == z ? (long)clen : -EINVAL;
 }
 
-int vmdk_stream_write(struct vimg_image *img, struct vmdk_extent *e, const void *buf,
-                      size_t len, uint64_t r, struct vimg_error *err)
+int vmdk_compress_grain(struct vimg_image *img, const void *buf, size_t len,
+                        uint8_t **out, size_t *out_len, struct vimg_error *err)
 {
     size_t cap = compressBound(len);
     uint8_t *c = malloc(cap);
     long clen;
-    int ret;
 
     if (!c) {
         vimg_error_set(err, ENOMEM, "out of memory");
@@ -192,7 +191,22 @@ int vmdk_stream_write(struct vimg_image *img, struct vmdk_extent *e, const void 
         vimg_error_set(err, EINVAL, "'%s': compression failed", img->filename);
         return -EINVAL;
     }
-    ret = vmdk_stream_put(img, e, r, len, c, (size_t)clen, err);
+    *out = c;
+    *out_len = (size_t)clen;
+    return 0;
+}
+
+int vmdk_stream_write(struct vimg_image *img, struct vmdk_extent *e, const void *buf,
+                      size_t len, uint64_t r, struct vimg_error *err)
+{
+    uint8_t *c;
+    size_t clen;
+    int ret = vmdk_compress_grain(img, buf, len, &c, &clen, err);
+
+    if (ret < 0) {
+        return ret;
+    }
+    ret = vmdk_stream_put(img, e, r, len, c, clen, err);
     free(c);
     return ret;
 }

@@ -1454,22 +1454,14 @@ static int vmdk_write_qemu_stream(struct vimg_image *img, struct vmdk_extent *e,
                                   const uint8_t *buf, size_t n, uint64_t r,
                                   struct vimg_error *err)
 {
-    size_t cap = compressBound(n);
-    uint8_t *c = malloc(cap);
-    long clen;
-    int ret;
+    uint8_t *c;
+    size_t clen;
+    int ret = vmdk_compress_grain(img, buf, n, &c, &clen, err);
 
-    if (!c) {
-        vimg_error_set(err, ENOMEM, "out of memory");
-        return -ENOMEM;
+    if (ret < 0) {
+        return ret;
     }
-    clen = vmdk_deflate(c, cap, buf, n);
-    if (clen < 0) {
-        free(c);
-        vimg_error_set(err, EINVAL, "'%s': compression failed", img->filename);
-        return -EINVAL;
-    }
-    ret = vmdk_put_qemu_stream(img, e, r, n, c, (size_t)clen, err);
+    ret = vmdk_put_qemu_stream(img, e, r, n, c, clen, err);
     free(c);
     return ret;
 }

@@ -158,6 +158,9 @@ int vmdk_stream_put(struct vimg_image *img, struct vmdk_extent *e, uint64_t r, s
                     const void *cdata, size_t clen, struct vimg_error *err);
 /* zlib (RFC 1950) into out: the length, -ENOSPC when it does not fit. */
 long vmdk_deflate(void *out, size_t out_cap, const void *buf, size_t len);
+/* Deflate one grain into a new buffer (*out, freed by the caller). */
+int vmdk_compress_grain(struct vimg_image *img, const void *buf, size_t len,
+                        uint8_t **out, size_t *out_len, struct vimg_error *err);
 int vmdk_stream_finish(struct vimg_image *img, struct vmdk_extent *e,
                        struct vimg_error *err);
 int vmdk_read_compressed(struct vimg_image *img, struct vmdk_extent *e, uint64_t gte,
