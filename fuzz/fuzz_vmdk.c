@@ -42,6 +42,7 @@ static void fuzz_vmdk_read(struct vimg_image *img)
         struct vimg_check_result r = { 0 };
         vimg_error_clear(&err);
         img->drv->check(img, &r, 0, &err);
+        free(r.log);
     }
 }
 

@@ -73,6 +73,7 @@ enum {
     VIMG_OPEN_ALLOW_OUTSIDE = 1u << 4, /* user allows references outside the folder */
     VIMG_OPEN_NO_SHARE    = 1u << 5,  /* let nobody else write or resize (convert source) */
     VIMG_OPEN_RESIZE      = 1u << 6,  /* the caller will resize the image */
+    VIMG_OPEN_NO_FLUSH    = 1u << 7,  /* cache=unsafe: never fdatasync */
 };
 
 /* Open `filename` with driver `format`, or probe when format is NULL.  With a

@@ -96,6 +96,7 @@ struct convert_target {
     char **before;          /* folder entries before create (multi-file) */
     size_t nbefore;
     bool multi;
+    bool replaces;          /* a file of the final name exists */
     mode_t mode;
 };
 
@@ -172,6 +173,7 @@ static const char *convert_target_prepare(struct convert_target *t, const char *
             return name;
         }
         t->mode = st.st_mode & 07777;
+        t->replaces = true;
         t->final = realpath(name, NULL);
     } else {
         t->final = strdup(name);
@@ -705,7 +707,19 @@ int cmd_convert(int argc, char **argv)
             goto out_close;
         }
     }
-    dst = cli_open(create_name, out_fmt, VIMG_OPEN_RDWR | VIMG_OPEN_NO_BACKING, quiet);
+    /* qemu's default cache mode for convert is "unsafe": it never flushes.
+     * vimg flushes when a cache mode that flushes is asked for, and always
+     * before its temporary replaces an existing file, so a power loss
+     * cannot cost the user the old image.  A new name is renamed into
+     * place once its data is complete in the page cache: an error or a
+     * signal leaves nothing behind, and only a crash of the whole machine
+     * can leave it incomplete, as with qemu-img (docs/architecture.md,
+     * "Nothing lost"). */
+    bool no_flush = cache_given ? 0 == strcmp(cache, "unsafe")
+                                : !(target.tmp && target.replaces);
+    dst = cli_open(create_name, out_fmt,
+                   VIMG_OPEN_RDWR | VIMG_OPEN_NO_BACKING | (no_flush ? VIMG_OPEN_NO_FLUSH : 0),
+                   quiet);
     if (!dst) {
         goto out_close;
     }
@@ -738,9 +752,7 @@ int cmd_convert(int argc, char **argv)
                       0 == strcmp(src_cache, "directsync"),
         .dst_direct = 0 == strcmp(cache, "none") || 0 == strcmp(cache, "off") ||
                       0 == strcmp(cache, "directsync"),
-        /* qemu never flushes an "unsafe" target; vimg flushes a new target
-         * before it renames it into place unless -t unsafe is asked for */
-        .no_flush = cache_given && 0 == strcmp(cache, "unsafe"),
+        .no_flush = no_flush,
         /* qemu's -m 8 (its default) maps to the engine's default depth of 4 */
         .queue_depth = (unsigned)VIMG_MAX(2, (coroutines + 1) / 2),
         .cancel = &convert_cancel,

@@ -515,6 +515,13 @@ static int job_write(struct copy_job *j, const uint8_t *buf, uint64_t len, uint6
         while (len) {
             struct vimg_run run = { 0 };
             ret = dst->drv->alloc_data(dst, off, len, &run, j->err);
+            if (-ENOTSUP == ret) {
+                /* the driver cannot place data for this image (a backing
+                 * file, preallocated metadata ...): plain writes from here */
+                vimg_error_clear(j->err);
+                j->mode = DST_SYNC;
+                return job_write(j, buf, len, off, s);
+            }
             if (ret < 0) {
                 return job_fail(j, ret);
             }
@@ -1071,106 +1078,98 @@ static int job_read_concat(struct copy_job *j, uint8_t *buf, uint64_t len, uint6
 }
 
 /*
- * Parallel compression: a batch of clusters is read, compressed by a pool
- * of worker threads (one per core, the main thread included) through the
- * driver's thread-safe compress_cluster, and written in guest order by the
- * main thread through write_compressed_data.
+ * Parallel compression as a pipeline: the main thread reads clusters into a
+ * ring of slots in guest order, worker threads (and the main thread when it
+ * has nothing else to do) compress them through the driver's thread-safe
+ * compress_cluster, and the main thread writes the results in guest order
+ * through write_compressed_data as soon as the slot at the head is done.
+ * Reading, compressing and writing overlap, so no core waits for a batch to
+ * fill or drain.
  */
-#define COMPRESS_BATCH_MAX (32 * 1024 * 1024)
+#define COMPRESS_RING_MAX (32 * 1024 * 1024)
+
+enum cslot_state { CS_FREE, CS_READY, CS_BUSY, CS_DONE };
+
+struct cslot {
+    enum cslot_state state;
+    long res;                   /* length, 0 all zero / nothing, -errno */
+};
 
 struct cpool {
     struct copy_job *job;
     pthread_mutex_t lock;
-    pthread_cond_t work, done;
+    pthread_cond_t work;        /* a slot became READY, or stop */
+    pthread_cond_t done;        /* a slot became DONE */
     pthread_t *threads;
     unsigned nthreads;
-    unsigned generation;        /* bumped for every batch */
     bool stop;
-    /* the batch */
-    const uint8_t *in;
-    uint8_t *out;
-    long *res;                  /* per cluster: length, 0 all zero, -errno */
-    const uint64_t *lens;       /* per cluster: bytes to compress, 0 none */
-    bool skip_zero;             /* all-zero clusters are left out (res 0) */
-    uint64_t cluster, nclusters;
-    uint64_t next;              /* next cluster to take */
-    uint64_t finished;
-    int ret;
+    uint8_t *in, *out;
+    struct cslot *slots;
+    uint64_t nslots;
+    uint64_t cluster, out_stride;
+    bool skip_zero;
+    uint64_t taken;             /* sequence number of the next slot to compress */
+    uint64_t filled;            /* sequence number of the next slot to fill */
+    uint64_t *lens;             /* per slot: bytes to compress, 0 none */
 };
 
-static void cpool_run(struct cpool *p)
+/* Compress the slot of sequence number seq; called without the lock. */
+static long cpool_compress(struct cpool *p, uint64_t seq)
 {
     struct vimg_image *dst = p->job->dst;
-    for (;;) {
-        uint64_t i;
+    uint64_t i = seq % p->nslots;
+    const uint8_t *in = p->in + i * p->cluster;
+    size_t clen = (size_t)p->lens[i];
+    struct vimg_error e = { 0 };
+    long r;
+
+    if (!clen || (p->skip_zero && vimg_is_zero(in, clen))) {
+        return 0;
+    }
+    r = dst->drv->compress_cluster(dst, p->out + i * p->out_stride, (size_t)p->out_stride,
+                                   in, clen, &e);
+    if (0 == r) {
+        r = -EIO;
+        vimg_error_set(&e, EIO, "'%s': compression produced nothing", dst->filename);
+    }
+    if (r < 0 && -ENOSPC != r) {
         pthread_mutex_lock(&p->lock);
-        i = p->next < p->nclusters ? p->next++ : UINT64_MAX;
-        pthread_mutex_unlock(&p->lock);
-        if (UINT64_MAX == i) {
-            return;
-        }
-        uint64_t off = i * p->cluster;
-        size_t clen = (size_t)p->lens[i];
-        long r = 0;
-        if (clen && !(p->skip_zero && vimg_is_zero(p->in + off, clen))) {
-            struct vimg_error e = { 0 };
-            r = dst->drv->compress_cluster(dst, p->out + off, (size_t)p->cluster,
-                                           p->in + off, clen, &e);
-            if (0 == r) {
-                r = -EIO;
-                vimg_error_set(&e, EIO, "'%s': compression produced nothing",
-                               dst->filename);
-            }
-            if (r < 0 && -ENOSPC != r) {
-                pthread_mutex_lock(&p->lock);
-                vimg_error_set(p->job->err, e.code ? e.code : (int)-r, "%s",
-                               e.code ? e.msg : strerror((int)-r));
-                pthread_mutex_unlock(&p->lock);
-            }
-        }
-        pthread_mutex_lock(&p->lock);
-        p->res[i] = r;
-        if (++p->finished == p->nclusters) {
-            pthread_cond_broadcast(&p->done);
-        }
+        vimg_error_set(p->job->err, e.code ? e.code : (int)-r, "%s",
+                       e.code ? e.msg : strerror((int)-r));
         pthread_mutex_unlock(&p->lock);
     }
+    return r;
+}
+
+/* With the lock held: take the next READY slot, compress it, mark it DONE. */
+static bool cpool_take_one(struct cpool *p)
+{
+    if (p->taken >= p->filled) {
+        return false;
+    }
+    uint64_t seq = p->taken++;
+    struct cslot *s = &p->slots[seq % p->nslots];
+    s->state = CS_BUSY;
+    pthread_mutex_unlock(&p->lock);
+    long r = cpool_compress(p, seq);
+    pthread_mutex_lock(&p->lock);
+    s->res = r;
+    s->state = CS_DONE;
+    pthread_cond_broadcast(&p->done);
+    return true;
 }
 
 static void *cpool_worker(void *opaque)
 {
     struct cpool *p = opaque;
-    unsigned seen = 0;
     pthread_mutex_lock(&p->lock);
-    for (;;) {
-        while (!p->stop && seen == p->generation) {
+    while (!p->stop) {
+        if (!cpool_take_one(p)) {
             pthread_cond_wait(&p->work, &p->lock);
         }
-        if (p->stop) {
-            break;
-        }
-        seen = p->generation;
-        pthread_mutex_unlock(&p->lock);
-        cpool_run(p);
-        pthread_mutex_lock(&p->lock);
     }
     pthread_mutex_unlock(&p->lock);
     return NULL;
-}
-
-static void cpool_batch(struct cpool *p)
-{
-    pthread_mutex_lock(&p->lock);
-    p->next = p->finished = 0;
-    p->generation++;
-    pthread_cond_broadcast(&p->work);
-    pthread_mutex_unlock(&p->lock);
-    cpool_run(p);
-    pthread_mutex_lock(&p->lock);
-    while (p->finished < p->nclusters) {
-        pthread_cond_wait(&p->done, &p->lock);
-    }
-    pthread_mutex_unlock(&p->lock);
 }
 
 /*
@@ -1245,18 +1244,65 @@ static int cwalk_next(struct copy_job *j, uint64_t total, uint64_t cluster,
     return 0;
 }
 
+
+/* Write the finished slot i (item it) of the ring at the head. */
+static void cring_write(struct copy_job *j, struct cpool *p, const struct citem *it,
+                        uint64_t i, bool parallel)
+{
+    struct vimg_image *dst = j->dst;
+    const uint8_t *buf = p->in + i * p->cluster;
+    long res = p->slots[i].res;
+    int ret = 0;
+
+    if (ITEM_ZERO == it->kind) {
+        if (!j->o->target_has_zero_init) {
+            ret = vimg_write_zeroes(dst, it->off, it->len, 0, j->err);
+        }
+    } else if (ITEM_SKIP == it->kind) {
+        /* left to the target's backing file */
+    } else if (!parallel) {
+        if (!(p->skip_zero && vimg_is_zero(buf, (size_t)it->len))) {
+            ret = dst->drv->write_compressed(dst, buf, (size_t)it->len, it->off, j->err);
+        }
+    } else if (0 == res) {
+        /* qemu leaves out zero clusters only on a zeroed target with -S;
+         * otherwise they are compressed like the rest */
+    } else if (-ENOSPC == res) {
+        /* incompressible: stored plainly, as qemu does, unless the format
+         * only takes compressed data (vmdk stream): then the driver's own
+         * write_compressed decides */
+        ret = dst->limits.needs_compressed_writes
+              ? dst->drv->write_compressed(dst, buf, (size_t)it->len, it->off, j->err)
+              : vimg_pwrite(dst, buf, (size_t)it->len, it->off, j->err);
+    } else if (res < 0) {
+        ret = (int)res;
+    } else {
+        ret = dst->drv->write_compressed_data(dst, p->out + i * p->out_stride, (size_t)res,
+                                              (size_t)it->len, it->off, j->err);
+    }
+    if (ret < 0) {
+        job_fail(j, ret);
+    } else if (it->counts) {
+        job_progress(j, it->len);
+    }
+}
+
 static int job_compressed_run(struct copy_job *j, uint64_t total, uint64_t cluster)
 {
     struct vimg_image *dst = j->dst;
     bool parallel = dst->drv->compress_cluster && dst->drv->write_compressed_data;
-    bool skip_zero = j->o->target_has_zero_init && j->o->sparse_size;
-    struct cpool p = { .job = j, .cluster = cluster, .skip_zero = skip_zero };
+    struct cpool p = {
+        .job = j,
+        .cluster = cluster,
+        .skip_zero = j->o->target_has_zero_init && j->o->sparse_size,
+        /* room for a grain that grows: formats that only take compressed
+         * data (vmdk stream) store incompressible grains compressed too */
+        .out_stride = cluster + cluster / 8 + 4096,
+    };
     unsigned nthreads = j->o->threads;
-    uint8_t *in = NULL, *out = NULL;
-    long *res = NULL;
-    uint64_t *lens = NULL;
     struct citem *items = NULL;
-    int ret = 0;
+    uint64_t head = 0;
+    bool more = true;
 
     if (!nthreads) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -1265,17 +1311,16 @@ static int job_compressed_run(struct copy_job *j, uint64_t total, uint64_t clust
     if (!parallel) {
         nthreads = 1;
     }
-    uint64_t nres = VIMG_MAX(1, VIMG_MIN((uint64_t)COMPRESS_BATCH_MAX,
-                                         VIMG_MAX(j->buf_size, (uint64_t)nthreads * 8 * cluster))
-                                / cluster);
-    in = malloc((size_t)(nres * cluster));
-    out = malloc((size_t)(nres * cluster));
-    res = calloc((size_t)nres, sizeof(*res));
-    lens = calloc((size_t)nres, sizeof(*lens));
-    items = calloc((size_t)nres, sizeof(*items));
-    if (!in || !out || !res || !lens || !items) {
+    p.nslots = VIMG_MAX((uint64_t)nthreads * 4, COMPRESS_RING_MAX / cluster);
+    p.nslots = VIMG_MAX(p.nslots, 2);
+    p.in = malloc((size_t)(p.nslots * cluster));
+    p.out = parallel ? malloc((size_t)(p.nslots * p.out_stride)) : NULL;
+    p.slots = calloc((size_t)p.nslots, sizeof(*p.slots));
+    p.lens = calloc((size_t)p.nslots, sizeof(*p.lens));
+    items = calloc((size_t)p.nslots, sizeof(*items));
+    if (!p.in || (parallel && !p.out) || !p.slots || !p.lens || !items) {
         vimg_error_set(j->err, ENOMEM, "out of memory");
-        ret = job_fail(j, -ENOMEM);
+        job_fail(j, -ENOMEM);
         goto out;
     }
 
@@ -1295,107 +1340,81 @@ static int job_compressed_run(struct copy_job *j, uint64_t total, uint64_t clust
     j->w_idx = 0;
     j->w_off = j->w_dst_base = 0;
 
-    if (parallel) {
-        pthread_mutex_init(&p.lock, NULL);
-        pthread_cond_init(&p.work, NULL);
-        pthread_cond_init(&p.done, NULL);
-        p.threads = calloc(nthreads, sizeof(*p.threads));
-        /* the main thread is one of the workers */
-        for (unsigned i = 1; p.threads && i < nthreads; i++) {
-            if (pthread_create(&p.threads[p.nthreads], NULL, cpool_worker, &p)) {
-                break;
-            }
-            p.nthreads++;
-        }
-    }
-    for (bool have = true; have && j->ret >= 0;) {
-        uint64_t k = 0;
-        if (job_cancelled(j)) {
+    pthread_mutex_init(&p.lock, NULL);
+    pthread_cond_init(&p.work, NULL);
+    pthread_cond_init(&p.done, NULL);
+    p.threads = calloc(nthreads, sizeof(*p.threads));
+    /* the main thread is one of the workers */
+    for (unsigned i = 1; p.threads && i < nthreads; i++) {
+        if (pthread_create(&p.threads[p.nthreads], NULL, cpool_worker, &p)) {
             break;
         }
-        while (k < nres && j->ret >= 0) {
-            if (cwalk_next(j, total, cluster, &items[k], &have) < 0 || !have) {
-                break;
+        p.nthreads++;
+    }
+
+    while (j->ret >= 0 && !job_cancelled(j)) {
+        uint64_t i = head % p.nslots;
+
+        pthread_mutex_lock(&p.lock);
+        bool head_done = head < p.filled && CS_DONE == p.slots[i].state;
+        uint64_t filled = p.filled;
+        pthread_mutex_unlock(&p.lock);
+        if (head_done) {
+            cring_write(j, &p, &items[i], i, parallel);
+            p.slots[i].state = CS_FREE;
+            head++;
+            continue;
+        }
+        if (more && filled - head < p.nslots) {
+            uint64_t k = filled % p.nslots;
+            struct citem *it = &items[k];
+            if (cwalk_next(j, total, cluster, it, &more) < 0 || !more) {
+                continue;
             }
-            lens[k] = 0;
-            if (ITEM_READ_SYNC == items[k].kind) {
-                if (job_read_concat(j, in + k * cluster, items[k].len, items[k].off) < 0) {
+            p.lens[k] = 0;
+            if (ITEM_READ_SYNC == it->kind) {
+                if (job_read_concat(j, p.in + k * cluster, it->len, it->off) < 0) {
                     break;
                 }
-                lens[k] = items[k].len;
+                if (parallel) {
+                    p.lens[k] = it->len;
+                }
             }
-            k++;
+            pthread_mutex_lock(&p.lock);
+            p.slots[k].state = CS_READY;
+            p.filled++;
+            pthread_cond_signal(&p.work);
+            pthread_mutex_unlock(&p.lock);
+            continue;
         }
-        if (j->ret < 0) {
+        if (!more && head == filled) {
             break;
         }
-        if (parallel && k) {
-            p.in = in;
-            p.out = out;
-            p.res = res;
-            p.lens = lens;
-            p.nclusters = k;
-            cpool_batch(&p);
-        }
-        for (uint64_t i = 0; i < k && j->ret >= 0; i++) {
-            struct citem *it = &items[i];
-            uint8_t *buf = in + i * cluster;
-            if (ITEM_ZERO == it->kind) {
-                if (!j->o->target_has_zero_init &&
-                    (ret = vimg_write_zeroes(dst, it->off, it->len, 0, j->err)) < 0) {
-                    job_fail(j, ret);
-                }
-            } else if (ITEM_SKIP == it->kind) {
-                /* left to the target's backing file */
-            } else if (parallel ? 0 == res[i]
-                                : skip_zero && vimg_is_zero(buf, (size_t)it->len)) {
-                /* qemu leaves out zero clusters only on a zeroed target
-                 * with -S; otherwise they are compressed like the rest */
-            } else if (!parallel) {
-                ret = dst->drv->write_compressed(dst, buf, (size_t)it->len, it->off, j->err);
-                if (ret < 0) {
-                    job_fail(j, ret);
-                }
-            } else if (res[i] < 0 && -ENOSPC != res[i]) {
-                job_fail(j, (int)res[i]);
-            } else if (-ENOSPC == res[i]) {
-                /* incompressible: stored plainly, as qemu does, unless the
-                 * format only takes compressed data (vmdk stream): then
-                 * the driver's own write_compressed decides */
-                ret = dst->limits.needs_compressed_writes
-                      ? dst->drv->write_compressed(dst, buf, (size_t)it->len, it->off, j->err)
-                      : vimg_pwrite(dst, buf, (size_t)it->len, it->off, j->err);
-                if (ret < 0) {
-                    job_fail(j, ret);
-                }
-            } else if ((ret = dst->drv->write_compressed_data(dst, out + i * cluster,
-                                                              (size_t)res[i],
-                                                              (size_t)it->len, it->off,
-                                                              j->err)) < 0) {
-                job_fail(j, ret);
-            }
-            if (j->ret >= 0 && it->counts) {
-                job_progress(j, it->len);
-            }
-        }
-    }
-    if (parallel) {
+        /* the ring is full or the input is done: help, or wait for the head */
         pthread_mutex_lock(&p.lock);
-        p.stop = true;
-        pthread_cond_broadcast(&p.work);
-        pthread_mutex_unlock(&p.lock);
-        for (unsigned i = 0; i < p.nthreads; i++) {
-            pthread_join(p.threads[i], NULL);
+        if (!cpool_take_one(&p)) {
+            while (CS_DONE != p.slots[i].state) {
+                pthread_cond_wait(&p.done, &p.lock);
+            }
         }
-        pthread_mutex_destroy(&p.lock);
-        pthread_cond_destroy(&p.work);
-        pthread_cond_destroy(&p.done);
+        pthread_mutex_unlock(&p.lock);
     }
+
+    pthread_mutex_lock(&p.lock);
+    p.stop = true;
+    pthread_cond_broadcast(&p.work);
+    pthread_mutex_unlock(&p.lock);
+    for (unsigned i = 0; i < p.nthreads; i++) {
+        pthread_join(p.threads[i], NULL);
+    }
+    pthread_mutex_destroy(&p.lock);
+    pthread_cond_destroy(&p.work);
+    pthread_cond_destroy(&p.done);
 out:
-    free(in);
-    free(out);
-    free(res);
-    free(lens);
+    free(p.in);
+    free(p.out);
+    free(p.slots);
+    free(p.lens);
     free(items);
     free(p.threads);
     return j->ret;

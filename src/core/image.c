@@ -230,6 +230,9 @@ static int open_host_file(struct vimg_file **file, const char *filename, unsigne
 {
     int ret = vimg_file_open_posix(file, filename,
                                    (flags & VIMG_OPEN_RDWR) ? VIMG_FILE_RDWR : 0);
+    if (0 == ret) {
+        (*file)->no_sync = !!(flags & VIMG_OPEN_NO_FLUSH);
+    }
     if (-EISDIR == ret || -ENOTSUP == ret) {
         vimg_error_set(err, EINVAL, "'file' driver requires '%s' to be a regular file",
                        filename);

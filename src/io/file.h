@@ -47,6 +47,8 @@ struct vimg_file {
     char *name;          /* as the user or the image named it */
     int fd;              /* -1 for files that are not posix files */
     bool writable;
+    /* cache=unsafe: flushes are no-ops (qemu's BDRV_O_NO_FLUSH) */
+    bool no_sync;
 };
 
 enum {
@@ -80,7 +82,7 @@ static inline int64_t vimg_file_size(struct vimg_file *f)
 }
 static inline int vimg_file_sync(struct vimg_file *f)
 {
-    return f->ops->sync(f);
+    return f->no_sync ? 0 : f->ops->sync(f);
 }
 void vimg_file_close(struct vimg_file *f);
 

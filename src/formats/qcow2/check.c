@@ -28,7 +28,7 @@ struct qcow2_ck {
     int64_t file_len;
     bool rebuild;
     char *log;
-    size_t log_len;
+    size_t log_len, log_cap;
 };
 
 static void qcow2_ck_log(struct qcow2_ck *c, const char *fmt, ...)
@@ -50,12 +50,18 @@ static void qcow2_ck_log(struct qcow2_ck *c, const char *fmt, ...)
     if (c->log_len > (16u << 20)) {
         return;
     }
-    char *p = realloc(c->log, c->log_len + (size_t)n + 1);
-    if (!p) {
-        return;
+    if (c->log_len + (size_t)n + 1 > c->log_cap) {
+        /* geometric: one realloc per line made a long log quadratic */
+        size_t ncap = VIMG_MAX(c->log_cap * 2, c->log_len + (size_t)n + 1);
+        ncap = VIMG_MAX(ncap, (size_t)4096);
+        char *p = realloc(c->log, ncap);
+        if (!p) {
+            return;
+        }
+        c->log = p;
+        c->log_cap = ncap;
     }
-    memcpy(p + c->log_len, line, (size_t)n + 1);
-    c->log = p;
+    memcpy(c->log + c->log_len, line, (size_t)n + 1);
     c->log_len += (size_t)n;
 }
 
@@ -67,8 +73,10 @@ static int qcow2_ck_inc(struct qcow2_ck *c, uint64_t off, uint64_t size)
     if (!size) {
         return 0;
     }
-    if ((int64_t)(off + size) - c->file_len >= (int64_t)s->cluster_size ||
-        off + size < off) {
+    /* unsigned on purpose: an offset with the top bit set must not wrap
+     * into a negative distance and slip past this bound */
+    if (off + size < off ||
+        off + size >= (uint64_t)c->file_len + s->cluster_size) {
         qcow2_ck_log(c, "ERROR: counting reference for region exceeding the end of the "
                      "file by one cluster or more: offset 0x%" PRIx64 " size 0x%" PRIx64 "\n",
                      off, size);

@@ -389,6 +389,8 @@ static void qcow2_close(struct vimg_image *img)
     }
     free(s->unknown_ext);
     free(s->cbuf);
+    free(s->app.tbl);
+    free(s->app.zbuf);
     if (s->own_data_file) {
         vimg_file_close(s->data_file);
     }
@@ -1080,4 +1082,5 @@ const struct vimg_driver vimg_driver_qcow2 = {
     .image_info = qcow2_image_info,
     .compress_cluster = qcow2_compress_cluster,
     .write_compressed_data = qcow2_write_compressed_data,
+    .alloc_data = qcow2_alloc_data,
 };

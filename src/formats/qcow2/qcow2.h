@@ -99,6 +99,20 @@ struct qcow2_snapshot {
     uint8_t *extra;       /* extra data beyond what vimg knows, kept */
 };
 
+enum { QCOW2_APPEND_UNKNOWN, QCOW2_APPEND_ON, QCOW2_APPEND_OFF };
+
+/* The append-mode writer's state (append.c). */
+struct qcow2_append {
+    int state;
+    uint64_t start, next;       /* first host cluster handed out; append point */
+    uint64_t l1_idx;            /* the L2 table being filled */
+    uint8_t *tbl;               /* that table, big endian, as it will be written */
+    uint64_t tbl_host;          /* the cluster reserved for it */
+    bool tbl_used;
+    uint64_t fill_from;         /* host offset where the last run ended mid-cluster */
+    uint8_t *zbuf;              /* one cluster of zeros */
+};
+
 struct qcow2_state {
     uint32_t version;
     uint32_t cluster_bits;
@@ -159,10 +173,12 @@ struct qcow2_state {
     uint64_t free_byte_off;         /* where the next compressed cluster may go */
     bool dirty_set_by_us;
     bool needs_repair;              /* dirty: repair before the first write */
+    bool repair_failed;             /* the repair found damage: refuse writes */
     bool lazy;                      /* lazy refcounts active */
     bool check_mode;
     bool creating;                  /* create may allocate cluster 0 */
     bool prealloc_checked, prealloc_meta;
+    struct qcow2_append app;
     uint8_t *cbuf;                  /* one cluster of scratch for decompression */
     uint64_t cbuf_guest;            /* guest cluster held in cbuf, or UINT64_MAX */
 };
@@ -249,6 +265,11 @@ int qcow2_truncate(struct vimg_image *img, uint64_t size, enum vimg_prealloc pre
 int qcow2_write_compressed(struct vimg_image *img, const void *buf, size_t len,
                            uint64_t offset, struct vimg_error *err);
 int qcow2_mark_dirty(struct vimg_image *img, struct vimg_error *err);
+
+/* append.c */
+int qcow2_alloc_data(struct vimg_image *img, uint64_t offset, uint64_t len,
+                     struct vimg_run *run, struct vimg_error *err);
+int qcow2_append_commit(struct vimg_image *img, struct vimg_error *err);
 long qcow2_compress_cluster(struct vimg_image *img, void *out, size_t out_cap,
                             const void *buf, size_t len, struct vimg_error *err);
 int qcow2_write_compressed_data(struct vimg_image *img, const void *cdata, size_t clen,

@@ -97,14 +97,14 @@ int qcow2_get_refcount(struct vimg_image *img, uint64_t cluster, uint64_t *rc,
     return 0;
 }
 
-/* Write the bytes of refblock rb (at rb_off) that hold entry i. */
-static int qcow2_rb_write_entry(struct vimg_image *img, uint8_t *rb, uint64_t rb_off,
-                                uint64_t i, struct vimg_error *err)
+/* Write the bytes of refblock rb (at rb_off) that hold entries lo..hi. */
+static int qcow2_rb_write_range(struct vimg_image *img, uint8_t *rb, uint64_t rb_off,
+                                uint64_t lo, uint64_t hi, struct vimg_error *err)
 {
     struct qcow2_state *s = qcow2_s(img);
-    uint64_t byte = (i << s->refcount_order) / 8;
-    size_t n = s->refcount_order > 3 ? (size_t)1 << (s->refcount_order - 3) : 1;
-    int ret = vimg_file_pwrite(img->file, rb + byte, n, rb_off + byte);
+    uint64_t first = (lo << s->refcount_order) / 8;
+    uint64_t end = (((hi + 1) << s->refcount_order) + 7) / 8;
+    int ret = vimg_file_pwrite(img->file, rb + first, (size_t)(end - first), rb_off + first);
     if (ret < 0) {
         return qcow2_io_error(img, ret, "Could not write refcount block", err);
     }
@@ -366,6 +366,10 @@ static int qcow2_update_rc_once(struct vimg_image *img, uint64_t host_off, uint6
     struct qcow2_state *s = qcow2_s(img);
     uint64_t first = host_off >> s->cluster_bits;
     uint64_t last, c;
+    /* the changed entries of one block go out in one write (one per
+     * cluster made large allocations cost a syscall each) */
+    uint8_t *pend = NULL;
+    uint64_t pend_idx = 0, pend_off = 0, pend_lo = 0, pend_hi = 0;
     int ret = 0;
 
     if (!len) {
@@ -376,6 +380,14 @@ static int qcow2_update_rc_once(struct vimg_image *img, uint64_t host_off, uint6
         uint64_t rt_idx = c / s->rb_entries, rb_off, v;
         uint8_t *rb;
 
+        if (pend && rt_idx != pend_idx) {
+            /* before the load: it may evict the pending block */
+            ret = qcow2_rb_write_range(img, pend, pend_off, pend_lo, pend_hi, err);
+            pend = NULL;
+            if (ret < 0) {
+                break;
+            }
+        }
         ret = qcow2_load_rb(img, rt_idx, &rb, &rb_off, err);
         if (ret < 0) {
             break;
@@ -400,12 +412,23 @@ static int qcow2_update_rc_once(struct vimg_image *img, uint64_t host_off, uint6
         }
         v += (uint64_t)delta;
         qcow2_rb_set(s, rb, c % s->rb_entries, v);
-        ret = qcow2_rb_write_entry(img, rb, rb_off, c % s->rb_entries, err);
-        if (ret < 0) {
-            break;
+        if (!pend) {
+            pend = rb;
+            pend_idx = rt_idx;
+            pend_off = rb_off;
+            pend_lo = c % s->rb_entries;
         }
+        pend_hi = c % s->rb_entries;
         if (0 == v && c < s->free_hint) {
             s->free_hint = c;
+        }
+    }
+    if (pend) {
+        /* also on failure: the undo below reads these entries back */
+        int r2 = qcow2_rb_write_range(img, pend, pend_off, pend_lo, pend_hi,
+                                      ret < 0 ? &(struct vimg_error){ 0 } : err);
+        if (ret >= 0) {
+            ret = r2;
         }
     }
     if (ret < 0 && c > first) {

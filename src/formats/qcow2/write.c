@@ -20,6 +20,19 @@ int qcow2_mark_dirty(struct vimg_image *img, struct vimg_error *err)
     struct qcow2_state *s = qcow2_s(img);
     int ret;
 
+    if (QCOW2_APPEND_OFF != s->app.state) {
+        /* a write outside the append-mode writer: its metadata first */
+        ret = qcow2_append_commit(img, err);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    if (s->repair_failed) {
+        /* once is enough: a check per write would make a hostile image
+         * cost a full scan for every request */
+        vimg_error_set(err, EIO, "Could not repair dirty image: %s", strerror(EIO));
+        return -EIO;
+    }
     if (s->needs_repair) {
         struct vimg_check_result r = { 0 };
         s->needs_repair = false;
@@ -29,6 +42,7 @@ int qcow2_mark_dirty(struct vimg_image *img, struct vimg_error *err)
             vimg_error_clear(err);
             vimg_error_set(err, EIO, "Could not repair dirty image: %s", strerror(EIO));
             s->needs_repair = true;
+            s->repair_failed = true;
             return -EIO;
         }
     }
@@ -425,6 +439,10 @@ int qcow2_flush(struct vimg_image *img, struct vimg_error *err)
     struct qcow2_state *s = qcow2_s(img);
     int ret = 0;
 
+    ret = qcow2_append_commit(img, err);
+    if (ret < 0) {
+        return ret;
+    }
     ret = qcow2_cache_flush(img, &s->rb_cache, err);
     if (ret < 0) {
         return ret;
