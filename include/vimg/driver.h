@@ -268,6 +268,12 @@ struct vimg_driver {
      * driver can compare what it recorded with the backing file it got; it
      * may record a warning with vimg_internal_warn.  Failing fails the open. */
     int (*backing_opened)(struct vimg_image *img, struct vimg_error *err);
+    /* vimg preallocate: give every guest cluster that has no host space
+     * its own, content unchanged (zeros where it reads zeros, a copy of
+     * the backing image's data where that shows through).  The core then
+     * fills the holes of the host file for falloc/full.  NULL: only a
+     * format whose file is the disk (raw) can be preallocated. */
+    int (*preallocate)(struct vimg_image *img, struct vimg_error *err);
     /* New ops come here (append only; never reorder). */
 };
 

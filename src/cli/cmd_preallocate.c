@@ -30,10 +30,9 @@ int cmd_preallocate(int argc, char **argv)
             quiet = true;
             break;
         case 'm':
-            if (vimg_prealloc_parse(optarg, &mode) < 0 ||
-                (VIMG_PREALLOC_FALLOC != mode && VIMG_PREALLOC_FULL != mode)) {
-                cli_report("Invalid preallocation mode '%s' (expecting falloc or full)",
-                           optarg);
+            if (vimg_prealloc_parse(optarg, &mode) < 0 || VIMG_PREALLOC_OFF == mode) {
+                cli_report("Invalid preallocation mode '%s' (expecting metadata, falloc "
+                           "or full)", optarg);
                 return 1;
             }
             break;
@@ -42,8 +41,8 @@ int cmd_preallocate(int argc, char **argv)
     if (optind != argc - 1) {
         cli_error_exit("Expecting one image file name");
     }
-    struct vimg_image *img = cli_open(argv[optind], fmt,
-                                      VIMG_OPEN_RDWR | VIMG_OPEN_NO_BACKING, quiet);
+    /* with its backing chain: data that shows through is copied up */
+    struct vimg_image *img = cli_open(argv[optind], fmt, VIMG_OPEN_RDWR, quiet);
     if (!img) {
         return 1;
     }

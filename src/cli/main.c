@@ -65,7 +65,7 @@ _Noreturn void cli_help(void)
            "[-f fmt] filename]\n"
            "  resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename "
            "[+ | -]size\n"
-           "  preallocate [-f fmt] [--mode falloc|full] [-q] filename\n"
+           "  preallocate [-f fmt] [--mode metadata|falloc|full] [-q] filename\n"
            "\n"
            "Supported formats: raw\n",
            cli_progname);

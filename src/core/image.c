@@ -795,37 +795,17 @@ int vimg_create(const char *filename, const char *format, const struct vimg_opts
     return DRV_CALL(err, drv->create(filename, opts, err));
 }
 
-int vimg_preallocate(struct vimg_image *img, enum vimg_prealloc mode, struct vimg_error *err)
+/* Allocate the holes of [from, to) of f, content unchanged: falloc, or
+ * written zeros for full. */
+static int fill_file_holes(struct vimg_image *img, struct vimg_file *f, uint64_t from,
+                           uint64_t to, enum vimg_prealloc mode, struct vimg_error *err)
 {
-    int ret = check_writable(img, err);
-    if (ret < 0) {
-        return ret;
-    }
-    if (0 != strcmp(img->drv->name, "raw")) {
-        vimg_error_set(err, ENOTSUP, "preallocate is not supported for format '%s'",
-                       img->drv->name);
-        return -ENOTSUP;
-    }
-    /* Only holes are touched, so the content stays what it was. */
-    struct vimg_file *f = img->file;
-    int64_t fsize = vimg_file_size(f);
-    if (fsize < 0) {
-        vimg_error_set(err, (int)-fsize, "Could not get the size of '%s': %s",
-                       img->filename, strerror((int)-fsize));
-        return (int)fsize;
-    }
-    if ((uint64_t)fsize < img->size) {
-        ret = f->ops->truncate(f, img->size);
-        if (ret < 0) {
-            vimg_error_set(err, -ret, "Could not resize '%s': %s", img->filename,
-                           strerror(-ret));
-            return ret;
-        }
-    }
-    for (uint64_t off = 0; off < img->size;) {
+    int ret;
+
+    for (uint64_t off = from; off < to;) {
         bool is_data;
         uint64_t n;
-        ret = f->ops->extent(f, off, img->size - off, &is_data, &n);
+        ret = f->ops->extent(f, off, to - off, &is_data, &n);
         if (ret < 0) {
             vimg_error_set(err, -ret, "Could not read file metadata: %s", strerror(-ret));
             return ret;
@@ -852,6 +832,66 @@ int vimg_preallocate(struct vimg_image *img, enum vimg_prealloc mode, struct vim
             }
         }
         off += n;
+    }
+    return 0;
+}
+
+int vimg_preallocate(struct vimg_image *img, enum vimg_prealloc mode, struct vimg_error *err)
+{
+    int ret = check_writable(img, err);
+    if (ret < 0) {
+        return ret;
+    }
+    struct vimg_file *f = img->file;
+    int64_t fsize;
+    uint64_t end;
+
+    if (img->drv->preallocate) {
+        /* the format gives every guest cluster host space; then the
+         * holes of the host file are filled */
+        ret = DRV_CALL(err, img->drv->preallocate(img, err));
+        if (ret < 0) {
+            return ret;
+        }
+        fsize = vimg_file_size(f);
+        if (fsize < 0) {
+            vimg_error_set(err, (int)-fsize, "Could not get the size of '%s': %s",
+                           img->filename, strerror((int)-fsize));
+            return (int)fsize;
+        }
+        end = (uint64_t)fsize;
+    } else if (img->drv->data_only) {
+        if (VIMG_PREALLOC_METADATA == mode) {
+            vimg_error_set(err, EINVAL, "Invalid preallocation mode 'metadata' for format "
+                           "'%s' (expecting falloc or full)", img->drv->name);
+            return -EINVAL;
+        }
+        /* Only holes are touched, so the content stays what it was. */
+        fsize = vimg_file_size(f);
+        if (fsize < 0) {
+            vimg_error_set(err, (int)-fsize, "Could not get the size of '%s': %s",
+                           img->filename, strerror((int)-fsize));
+            return (int)fsize;
+        }
+        if ((uint64_t)fsize < img->size) {
+            ret = f->ops->truncate(f, img->size);
+            if (ret < 0) {
+                vimg_error_set(err, -ret, "Could not resize '%s': %s", img->filename,
+                               strerror(-ret));
+                return ret;
+            }
+        }
+        end = img->size;
+    } else {
+        vimg_error_set(err, ENOTSUP, "preallocate is not supported for format '%s'",
+                       img->drv->name);
+        return -ENOTSUP;
+    }
+    if (VIMG_PREALLOC_METADATA != mode) {
+        ret = fill_file_holes(img, f, 0, end, mode, err);
+        if (ret < 0) {
+            return ret;
+        }
     }
     ret = vimg_file_sync(f);
     if (ret < 0) {

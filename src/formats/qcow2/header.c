@@ -1083,4 +1083,5 @@ const struct vimg_driver vimg_driver_qcow2 = {
     .compress_cluster = qcow2_compress_cluster,
     .write_compressed_data = qcow2_write_compressed_data,
     .alloc_data = qcow2_alloc_data,
+    .preallocate = qcow2_preallocate,
 };

@@ -266,6 +266,13 @@ int qcow2_write_compressed(struct vimg_image *img, const void *buf, size_t len,
                            uint64_t offset, struct vimg_error *err);
 int qcow2_mark_dirty(struct vimg_image *img, struct vimg_error *err);
 
+/* The L2 table for l1_idx, made present and private (COPIED). */
+int qcow2_get_l2_for_write(struct vimg_image *img, uint64_t l1_idx, uint64_t *l2_off,
+                           struct vimg_error *err);
+
+/* prealloc.c */
+int qcow2_preallocate(struct vimg_image *img, struct vimg_error *err);
+
 /* append.c */
 int qcow2_alloc_data(struct vimg_image *img, uint64_t offset, uint64_t len,
                      struct vimg_run *run, struct vimg_error *err);

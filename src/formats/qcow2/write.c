@@ -81,8 +81,8 @@ static int qcow2_write_l1_entry(struct vimg_image *img, uint64_t idx,
 }
 
 /* The L2 table for l1_idx, made present and private (COPIED). */
-static int qcow2_get_l2_for_write(struct vimg_image *img, uint64_t l1_idx,
-                                  uint64_t *l2_off, struct vimg_error *err)
+int qcow2_get_l2_for_write(struct vimg_image *img, uint64_t l1_idx,
+                           uint64_t *l2_off, struct vimg_error *err)
 {
     struct qcow2_state *s = qcow2_s(img);
     uint64_t old = s->l1[l1_idx] & QCOW2_L1E_OFFSET_MASK, new_off;
