@@ -498,6 +498,14 @@ int vimg_internal_layer_status(struct vimg_image *img, uint64_t offset, uint64_t
     return 0;
 }
 
+static int backing_read_fail(struct vimg_image *layer, uint64_t offset,
+                             struct vimg_error *err)
+{
+    vimg_error_set(err, layer->backing_read_err, "error while reading at byte %" PRIu64
+                   ": %s", offset, strerror(layer->backing_read_err));
+    return -layer->backing_read_err;
+}
+
 int vimg_block_status(struct vimg_image *img, uint64_t offset, uint64_t max_len,
                       struct vimg_status *st, struct vimg_error *err)
 {
@@ -582,6 +590,9 @@ int vimg_internal_block_status_host(struct vimg_image *img, uint64_t offset,
             st->flags = VIMG_STATUS_ZERO;
             return 0;
         }
+        if (host && layer->backing_read_err) {
+            return backing_read_fail(layer, offset, err);
+        }
         max_len = VIMG_MIN(max_len, layer->backing->size - offset);
         depth++;
         layer = layer->backing;
@@ -631,6 +642,9 @@ static int layer_pread(struct vimg_image *img, void *buf, size_t len, uint64_t o
                 return ret;
             }
         } else if (img->backing) {
+            if (img->backing_read_err) {
+                return backing_read_fail(img, offset, err);
+            }
             ret = layer_pread(img->backing, p, n, offset, err);
             if (ret < 0) {
                 return ret;

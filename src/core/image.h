@@ -24,6 +24,10 @@ struct vimg_image {
     char *full_backing_name;      /* resolved against the image's folder */
     struct vimg_image *backing;
     char *warning;                /* recorded by the driver, shown by the CLI */
+    /* Set by the driver (backing_opened): reads that reach the backing
+     * image fail with this errno, as qemu's vmdk fails them when the
+     * parent's CID is not the child's parentCID.  Status queries work. */
+    int backing_read_err;
 };
 
 /* For drivers: record a one-line warning for the caller to show. */
@@ -71,7 +75,9 @@ int vimg_internal_layer_status(struct vimg_image *img, uint64_t offset,
                                struct vimg_error *err);
 
 /* vimg_block_status, also giving the host file of a HOST_VALID run (NULL
- * otherwise), so the copy engine can read plain data straight from it. */
+ * otherwise), so the copy engine can read plain data straight from it.
+ * With host given, the caller means to read: a layer whose backing reads
+ * fail (backing_read_err) fails here instead of descending. */
 int vimg_internal_block_status_host(struct vimg_image *img, uint64_t offset,
                                     uint64_t max_len, struct vimg_status *st,
                                     struct vimg_file **host, struct vimg_error *err);

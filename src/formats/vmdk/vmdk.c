@@ -1217,6 +1217,17 @@ static bool vmdk_parent_valid(struct vimg_image *img)
     return ((struct vmdk_state *)img->backing->opaque)->cid == s->parent_cid;
 }
 
+/* As qemu: reads that fall through to a parent whose CID is not our
+ * parentCID fail (the parent changed since this image was made from it). */
+static int vmdk_backing_opened(struct vimg_image *img, struct vimg_error *err)
+{
+    (void)err;
+    if (!vmdk_parent_valid(img)) {
+        img->backing_read_err = EINVAL;
+    }
+    return 0;
+}
+
 static int vmdk_check_alloc(struct vmdk_extent *e, uint64_t bytes, struct vimg_error *err)
 {
     uint64_t end;
@@ -1820,4 +1831,5 @@ const struct vimg_driver vimg_driver_vmdk = {
     .compress_cluster = vmdk_compress_cluster,
     .write_compressed_data = vmdk_write_compressed_data,
     .allocated_size = vmdk_allocated_size,
+    .backing_opened = vmdk_backing_opened,
 };
