@@ -171,6 +171,7 @@ struct copy_job {
     enum dst_mode mode;
     struct vimg_error *err;
     int ret;                    /* first failure (sticky) */
+    uint64_t zero_off, zero_len; /* a zero run held back to join the next */
 
     uint64_t buf_size;
     unsigned depth;
@@ -500,11 +501,17 @@ static int job_host_write(struct copy_job *j, enum vimg_aio_op op, int fd, const
     return ret;
 }
 
+static int job_zero_flush(struct copy_job *j);
+
 static int job_write(struct copy_job *j, const uint8_t *buf, uint64_t len, uint64_t off,
                      struct slot *s)
 {
     struct vimg_image *dst = j->dst;
     int ret;
+
+    if (j->zero_len && (ret = job_zero_flush(j)) < 0) {
+        return ret;
+    }
 
     switch (j->mode) {
     case DST_RAW_AIO:
@@ -556,6 +563,20 @@ static int job_write(struct copy_job *j, const uint8_t *buf, uint64_t len, uint6
     }
 }
 
+/* Issue the zero run held back by job_zero. */
+static int job_zero_flush(struct copy_job *j)
+{
+    uint64_t off = j->zero_off, len = j->zero_len;
+    int ret;
+
+    if (!len) {
+        return 0;
+    }
+    j->zero_len = 0;
+    ret = vimg_write_zeroes(j->dst, off, len, VIMG_ZERO_MAY_UNMAP, j->err);
+    return ret < 0 ? job_fail(j, ret) : 0;
+}
+
 static int job_zero(struct copy_job *j, uint64_t off, uint64_t len)
 {
     int ret;
@@ -566,8 +587,18 @@ static int job_zero(struct copy_job *j, uint64_t off, uint64_t len)
     if (DST_RAW_AIO == j->mode) {
         return job_host_write(j, VIMG_AIO_ZERO, j->dst->file->fd, NULL, len, off, NULL);
     }
-    ret = vimg_write_zeroes(j->dst, off, len, VIMG_ZERO_MAY_UNMAP, j->err);
-    return ret < 0 ? job_fail(j, ret) : 0;
+    /* Adjacent zero runs (a zeroed data extent, then a hole) go out as
+     * one request, as qemu-img sends them: a driver can then turn whole
+     * clusters into zero clusters instead of copying a partly zeroed
+     * cluster up from the backing file. */
+    if (j->zero_len && j->zero_off + j->zero_len == off) {
+        j->zero_len += len;
+        return 0;
+    }
+    ret = job_zero_flush(j);
+    j->zero_off = off;
+    j->zero_len = len;
+    return ret;
 }
 
 /* Write a chunk of data, split at the -S granularity. */
@@ -1496,6 +1527,9 @@ int vimg_copy(struct vimg_image *const *srcs, int nsrc, struct vimg_image *dst,
         }
     }
     while (vimg_aio_in_flight(j.aio) && job_reap(&j, vimg_aio_in_flight(j.aio)) >= 0) {
+    }
+    if (j.ret >= 0) {
+        job_zero_flush(&j);
     }
 flush:
     if (j.ret >= 0 && !o->no_flush) {
