@@ -437,7 +437,7 @@ if ((CEILINGS)); then
                 # zstd -b: single thread, 64 KiB blocks compressed independently
                 zstd -q -b"$lvl" -B64KiB -i1 "$SCRATCH/sample.$kind" 2>&1 | tr '\r' '\n' |
                     awk -v k="$kind" -v l="$lvl" '$1 == "-" l && $3 ~ /^\(/ {
-                        printf "# ceiling: zstd level %s%s, %s (32 MiB, 64 KiB blocks, x%s): compress %s MB/s, decompress %s MB/s per core\n",
+                        printf "# ceiling: zstd level %s%s, %s (32 MiB, 64 KiB blocks, x%s): compress %.0f MB/s, decompress %.0f MB/s per core\n",
                             l, (l == 3 ? " (the library default)" : ""), k, substr($3, 2, length($3) - 2), $4, $6 }'
             done
             rm -f "$SCRATCH/sample.$kind"
@@ -558,7 +558,6 @@ for row in "${SELECTED[@]}"; do
             # qemu-img's tuned variant: 16 coroutines, out-of-order writes
             [[ $tool != qemu-W ]] || argv=("${argv[0]}" -m 16 -W "${argv[@]:1}")
             run_once "$tool" "${BINS[t]}" "${argv[@]}"
-            ((r < 0)) || times[$tool]+=" $RUN_US"
             rc[$tool]=$RUN_RC
             if [[ $RUN_RSS != - ]] &&
                 [[ ${rss[$tool]:--} == - || $RUN_RSS -gt ${rss[$tool]} ]]; then
@@ -580,6 +579,7 @@ for row in "${SELECTED[@]}"; do
                 fail=$msg
                 break 2
             fi
+            ((r < 0)) || times[$tool]+=" $RUN_US"
             # keep the outputs only from the last round, for the check
             ((r == REPEATS - 1)) || rm -f "$out"
         done
@@ -642,6 +642,7 @@ for row in "${SELECTED[@]}"; do
     read -ra tv <<<"${times[vimg]:-}"
     if [[ -n $fail ]]; then
         FAILED=1
+        for n in "${notes[@]}"; do fail+="; $n"; done
         ROWS+=("$name|FAIL|-|FAIL|-|$(mib "${rss[qemu-img]:--}")|$(mib "${rss[vimg]:--}")|-|FAIL: $fail")
     else
         mq=$(median_us "${tq[@]}")
