@@ -472,27 +472,78 @@ int qcow2_alloc_clusters(struct vimg_image *img, uint64_t n, uint64_t *host_off,
     return 0;
 }
 
+/*
+ * Room for len compressed bytes, packed as qemu packs them: right after the
+ * previous compressed cluster, running on into the next host cluster when
+ * that one is the next free cluster (so the data stays contiguous), else at
+ * the start of a fresh cluster.  Every host cluster the bytes touch gets one
+ * more reference, so a cluster shared by n compressed clusters has refcount
+ * n.  A cluster whose refcount is already at the maximum (always, with
+ * 1-bit refcounts) takes no more data: the next one starts a fresh cluster.
+ */
 int qcow2_alloc_bytes(struct vimg_image *img, uint64_t len, uint64_t *host_off,
                       struct vimg_error *err)
 {
     struct qcow2_state *s = qcow2_s(img);
+    uint64_t off = s->free_byte_off, room, c;
     int ret;
 
-    /* Pack into the cluster of the previous compressed write when it fits. */
-    if (s->free_byte_off && qcow2_offset_into_cluster(s, s->free_byte_off) &&
-        s->cluster_size - qcow2_offset_into_cluster(s, s->free_byte_off) >= len) {
-        ret = qcow2_update_refcount(img, s->free_byte_off, 1, 1, err);
+    if (0 == len || len > s->cluster_size) {
+        vimg_error_set(err, EINVAL, "'%s': compressed data of %" PRIu64 " bytes does not "
+                       "fit a cluster", img->filename, len);
+        return -EINVAL;
+    }
+    if (off) {
+        uint64_t rc;
+
+        ret = qcow2_get_refcount(img, off >> s->cluster_bits, &rc, err);
         if (ret < 0) {
             return ret;
         }
-        *host_off = s->free_byte_off;
-        s->free_byte_off += len;
-        return 0;
+        if (rc >= s->refcount_max) {
+            off = 0;
+        }
     }
-    ret = qcow2_alloc_clusters(img, vimg_div_round_up(len, s->cluster_size), host_off, err);
+    room = s->cluster_size - qcow2_offset_into_cluster(s, off);
+    do {
+        if (0 == off || room < len) {
+            ret = qcow2_alloc_noref(img, 1, &c, err);
+            if (ret < 0) {
+                return ret;
+            }
+            c <<= s->cluster_bits;
+            if (c > s->coffset_mask - (s->cluster_size - 1)) {
+                /* the L2 entry of a compressed cluster holds fewer offset
+                 * bits than a plain one (2 MiB clusters: 512 TiB) */
+                vimg_error_set(err, EFBIG, "'%s': %s", img->filename, strerror(EFBIG));
+                return -EFBIG;
+            }
+            if (0 != off && vimg_align_down(off, s->cluster_size) + s->cluster_size == c) {
+                room += s->cluster_size;
+            } else {
+                off = c;
+                room = s->cluster_size;
+            }
+        }
+        ret = qcow2_update_rc_once(img, off, len, 1, err);
+        if (-EAGAIN == ret && s->free_hint > (off >> s->cluster_bits)) {
+            /* a new refcount block went to the first free cluster: look
+             * again from where this attempt started, as qemu does, so the
+             * cluster it had picked and is still free is not skipped */
+            s->free_hint = off >> s->cluster_bits;
+        }
+        if (ret < 0) {
+            /* as qemu: the retry starts a fresh cluster */
+            off = 0;
+        }
+    } while (-EAGAIN == ret);
     if (ret < 0) {
         return ret;
     }
-    s->free_byte_off = *host_off + len;
+    *host_off = off;
+    s->free_byte_off = off + len;
+    if (0 == qcow2_offset_into_cluster(s, s->free_byte_off)) {
+        s->free_byte_off = 0;
+    }
     return 0;
 }

@@ -542,6 +542,30 @@ int qcow2_write_compressed(struct vimg_image *img, const void *buf, size_t len,
     int ret;
 
     if (0 == len) {
+        /* qemu-img convert -c ends with this "EOF" write: the file end is
+         * rounded up to a whole sector, so packed compressed data never
+         * leaves a partial last sector */
+        int64_t fsize;
+        uint64_t aligned;
+
+        if (s->incompat & QCOW2_INCOMPAT_DATAFILE) {
+            vimg_error_set(err, ENOTSUP, "Compression is not supported with external "
+                           "data files");
+            return -ENOTSUP;
+        }
+        fsize = vimg_file_size(img->file);
+        if (fsize < 0) {
+            return qcow2_io_error(img, (int)fsize, "Could not get the image file size",
+                                  err);
+        }
+        if (!vimg_round_up((uint64_t)fsize, 512, &aligned) || aligned == (uint64_t)fsize) {
+            return 0;
+        }
+        ret = img->file->ops->truncate(img->file, aligned);
+        if (ret < 0) {
+            return qcow2_io_error(img, ret, "Could not align the end of the image file",
+                                  err);
+        }
         return 0;
     }
     out = malloc(s->cluster_size);
