@@ -1,6 +1,7 @@
 /* The qcow2 driver through the core on an in-memory file: probe, open,
  * info, block status and reads over everything, check, then a few writes
- * (allocation, COW, zero clusters, discard, compressed) and a resize. */
+ * (the append-mode writer and its commit, preallocate, allocation, COW,
+ * zero clusters, discard, compressed) and a resize. */
 #include "config.h"
 
 #include <stdint.h>
@@ -53,6 +54,29 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         struct vimg_check_result r = { 0 };
         img->drv->check(img, &r, 0, &err);
         free(r.log);
+        vimg_error_clear(&err);
+    }
+    if (img->drv->alloc_data && vimg_size(img) >= 65536 && vimg_size(img) <= (1ull << 40)) {
+        /* the append-mode writer as convert drives it, then its commit
+         * over whatever refcount structures the input has */
+        static const uint64_t at[] = { 0, 4096 + 512, 1u << 20, 3u << 20 };
+        memset(buf, 0x3c, sizeof(buf));
+        for (size_t i = 0; i < sizeof(at) / sizeof(at[0]); i++) {
+            struct vimg_run run = { 0 };
+            if (at[i] >= vimg_size(img) ||
+                img->drv->alloc_data(img, at[i], 8192, &run, &err) < 0) {
+                vimg_error_clear(&err);
+                break;
+            }
+            if (run.host && run.length <= sizeof(buf)) {
+                vimg_file_pwrite(run.host, buf, (size_t)run.length, run.host_off);
+            }
+        }
+        vimg_flush(img, &err);
+        vimg_error_clear(&err);
+    }
+    if (img->drv->preallocate && vimg_size(img) <= (64u << 20)) {
+        vimg_preallocate(img, VIMG_PREALLOC_METADATA, &err);
         vimg_error_clear(&err);
     }
     if (vimg_size(img) >= 8192 && vimg_size(img) <= (1ull << 40)) {

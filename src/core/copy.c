@@ -1495,6 +1495,14 @@ int vimg_copy(struct vimg_image *const *srcs, int nsrc, struct vimg_image *dst,
     }
     if (o->compress || dst->limits.needs_compressed_writes) {
         job_compressed(&j, total);
+        if (o->compress && j.ret >= 0) {
+            /* qemu-img's "EOF" compressed write of nothing: a driver may
+             * align its file end (qcow2 rounds it to a whole sector) */
+            ret = dst->drv->write_compressed(dst, NULL, 0, 0, j.err);
+            if (ret < 0) {
+                job_fail(&j, ret);
+            }
+        }
         goto flush;
     }
     ret = job_prepass(&j);
