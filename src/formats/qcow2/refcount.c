@@ -360,8 +360,19 @@ fail:
     return ret;
 }
 
+static int qcow2_update_rc_undo(struct vimg_image *img, uint64_t host_off, uint64_t len,
+                                int64_t delta, bool undo, struct vimg_error *err);
+
 static int qcow2_update_rc_once(struct vimg_image *img, uint64_t host_off, uint64_t len,
                                 int64_t delta, struct vimg_error *err)
+{
+    return qcow2_update_rc_undo(img, host_off, len, delta, true, err);
+}
+
+/* undo: on failure, take back what was done (not done for the undo
+ * itself, which would otherwise undo its own failure forever) */
+static int qcow2_update_rc_undo(struct vimg_image *img, uint64_t host_off, uint64_t len,
+                                int64_t delta, bool undo, struct vimg_error *err)
 {
     struct qcow2_state *s = qcow2_s(img);
     uint64_t first = host_off >> s->cluster_bits;
@@ -431,11 +442,11 @@ static int qcow2_update_rc_once(struct vimg_image *img, uint64_t host_off, uint6
             ret = r2;
         }
     }
-    if (ret < 0 && c > first) {
+    if (undo && ret < 0 && c > first) {
         /* undo what was done; errors here only leak */
         struct vimg_error ign = { 0 };
-        qcow2_update_rc_once(img, first << s->cluster_bits,
-                             (c - first) << s->cluster_bits, -delta, &ign);
+        qcow2_update_rc_undo(img, first << s->cluster_bits,
+                             (c - first) << s->cluster_bits, -delta, false, &ign);
     }
     return ret;
 }
@@ -464,6 +475,11 @@ int qcow2_alloc_clusters(struct vimg_image *img, uint64_t n, uint64_t *host_off,
         }
         ret = qcow2_update_rc_once(img, start << s->cluster_bits, n << s->cluster_bits, 1,
                                    err);
+        if (-EAGAIN == ret && s->free_hint > start) {
+            /* a new refcount block took a cluster: search again from
+             * here, as qemu does, so no free cluster is skipped */
+            s->free_hint = start;
+        }
     } while (-EAGAIN == ret);
     if (ret < 0) {
         return ret;
