@@ -2,7 +2,7 @@
 # Installs every Debian package vimg's build, tests, fuzzers and benchmarks
 # need, only when missing; uses sudo when not root.
 set -eu
-PKGS="build-essential zlib1g-dev libzstd-dev liburing-dev libaio-dev libssl-dev
+PKGS="build-essential zlib1g-dev libzstd-dev libdeflate-dev liburing-dev libaio-dev libssl-dev
 libcmocka-dev cmake ninja-build pkg-config clang qemu-utils python3 time
 libvirt-daemon libvirt-clients"
 missing=""

@@ -18,6 +18,7 @@
 
 #include "core/image.h"
 #include "core/opts.h"
+#include "formats/zcodec.h"
 #include "util/util.h"
 
 #define QCOW_MAGIC 0x514649fbu
@@ -403,31 +404,6 @@ static int qcow_block_status(struct vimg_image *img, uint64_t offset, uint64_t m
     return 0;
 }
 
-/* Inflate one compressed cluster (raw DEFLATE, 4 KiB window) into out. */
-static int qcow_inflate(uint8_t *out, size_t out_len, const uint8_t *in, size_t in_len)
-{
-    z_stream z;
-    int ret;
-    size_t produced;
-
-    memset(&z, 0, sizeof(z));
-    if (Z_OK != inflateInit2(&z, -12)) {
-        return -ENOMEM;
-    }
-    z.next_in = (uint8_t *)in;
-    z.avail_in = (uInt)in_len;
-    z.next_out = out;
-    z.avail_out = (uInt)out_len;
-    ret = inflate(&z, Z_FINISH);
-    produced = out_len - z.avail_out;
-    inflateEnd(&z);
-    /* trailing input is fine once the cluster is complete */
-    if ((Z_STREAM_END != ret && Z_BUF_ERROR != ret) || produced != out_len) {
-        return -EIO;
-    }
-    return 0;
-}
-
 static int qcow_load_compressed(struct vimg_image *img, uint64_t entry,
                                 struct vimg_error *err)
 {
@@ -449,7 +425,9 @@ static int qcow_load_compressed(struct vimg_image *img, uint64_t entry,
     if (ret < 0) {
         return qcow_io_error(img, ret, "could not read compressed cluster", err);
     }
-    ret = qcow_inflate(s->ccache, s->cluster_size, s->cbuf, csize);
+    /* raw deflate, 4 KiB window; trailing input is fine once the cluster
+     * is complete */
+    ret = vimg_inflate_raw(s->ccache, s->cluster_size, s->cbuf, csize, 12);
     if (ret < 0) {
         vimg_error_set(err, -ret, "'%s': compressed cluster at %#" PRIx64 " is corrupt: %s",
                        img->filename, coff, strerror(-ret));

@@ -1,4 +1,6 @@
-/* qcow2 compression codecs: raw deflate with a 4 KiB window, and zstd. */
+/* qcow2 compression codecs: raw deflate with a 4 KiB window, and zstd.
+ * Writing stays zlib's: qemu inflates with a 4 KiB window, which only an
+ * encoder that limits its window can respect (libdeflate cannot). */
 #include "config.h"
 
 #include <errno.h>
@@ -9,30 +11,7 @@
 #endif
 
 #include "formats/qcow2/qcow2.h"
-
-/* qemu stops as soon as the cluster is full and ignores what follows (the
- * rest of the last sector), so a stream that ends early is an error but
- * one with trailing bytes is not. */
-static int qcow2_inflate(void *dst, size_t dlen, const void *src, size_t slen)
-{
-    z_stream z;
-    int ret;
-
-    memset(&z, 0, sizeof(z));
-    if (Z_OK != inflateInit2(&z, -12)) {
-        return -EIO;
-    }
-    z.next_in = (Bytef *)src;
-    z.avail_in = (uInt)slen;
-    z.next_out = dst;
-    z.avail_out = (uInt)dlen;
-    ret = inflate(&z, Z_FINISH);
-    inflateEnd(&z);
-    if ((Z_STREAM_END == ret || Z_BUF_ERROR == ret) && 0 == z.avail_out) {
-        return 0;
-    }
-    return -EIO;
-}
+#include "formats/zcodec.h"
 
 static long qcow2_deflate(void *dst, size_t dlen, const void *src, size_t slen)
 {
@@ -120,7 +99,10 @@ static long qcow2_zstd(void *dst, size_t dlen, const void *src, size_t slen)
 int qcow2_decompress(int type, void *dst, size_t dlen, const void *src, size_t slen)
 {
     if (QCOW2_COMPRESS_ZLIB == type) {
-        return qcow2_inflate(dst, dlen, src, slen);
+        /* qemu stops as soon as the cluster is full and ignores what
+         * follows (the rest of the last sector), so a stream that ends
+         * early is an error but one with trailing bytes is not. */
+        return vimg_inflate_raw(dst, dlen, src, slen, 12);
     }
 #if HAVE_ZSTD
     if (QCOW2_COMPRESS_ZSTD == type) {

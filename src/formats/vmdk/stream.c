@@ -17,6 +17,7 @@
 #include <zlib.h>
 
 #include "formats/vmdk/vmdk.h"
+#include "formats/zcodec.h"
 #include "util/util.h"
 
 static int vmdk_stream_io(struct vimg_error *err, int ret, struct vmdk_extent *e,
@@ -166,12 +167,9 @@ int vmdk_stream_put(struct vimg_image *img, struct vmdk_extent *e, uint64_t r, s
 
 long vmdk_deflate(void *out, size_t out_cap, const void *buf, size_t len)
 {
-    uLongf clen = out_cap;
-    int z = compress2(out, &clen, buf, len, Z_DEFAULT_COMPRESSION);
-    if (Z_BUF_ERROR == z) {
-        return -ENOSPC;
-    }
-    return Z_OK == z ? (long)clen : -EINVAL;
+    /* qemu compresses grains at zlib's default level */
+    long r = vimg_zlib_compress(out, out_cap, buf, len, Z_DEFAULT_COMPRESSION);
+    return r < 0 && -ENOSPC != r ? -EINVAL : r;
 }
 
 int vmdk_compress_grain(struct vimg_image *img, const void *buf, size_t len,

@@ -15,12 +15,12 @@
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
-#include <zlib.h>
 
 #include "core/image.h"
 #include "core/opts.h"
 #include "core/qobj.h"
 #include "formats/vmdk/vmdk.h"
+#include "formats/zcodec.h"
 #include "util/util.h"
 
 /* ---- small helpers ------------------------------------------------------- */
@@ -1033,7 +1033,7 @@ int vmdk_read_compressed(struct vimg_image *img, struct vmdk_extent *e, uint64_t
     uint64_t off = gte * VMDK_SECTOR, data_len = e->grain, in_grain = r % e->grain;
     uint8_t mk[12];
     uint8_t *cbuf = NULL, *out = NULL;
-    uLongf out_len = e->grain;
+    size_t out_len = 0;
     int ret;
 
     if (e->markers) {
@@ -1060,7 +1060,8 @@ int vmdk_read_compressed(struct vimg_image *img, struct vmdk_extent *e, uint64_t
         vmdk_io_error(err, ret, "reading", e->file, off);
         goto out;
     }
-    if (Z_OK != uncompress(out, &out_len, cbuf, data_len) || in_grain + len > out_len) {
+    if (vimg_zlib_uncompress(out, e->grain, &out_len, cbuf, data_len) < 0 ||
+        in_grain + len > out_len) {
         vimg_error_set(err, EINVAL, "'%s': compressed grain at sector %" PRIu64 " is corrupt",
                        e->file->name, gte);
         ret = -EINVAL;

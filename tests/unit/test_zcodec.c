@@ -1,0 +1,317 @@
+/*
+ * src/formats/zcodec.c: the DEFLATE helpers of qcow, qcow2 and vmdk.  zlib
+ * is the reference (it is what qemu uses), so besides the plain cases every
+ * answer is checked against zlib's own on many damaged streams: with
+ * libdeflate built in, a stream must decode (or fail) exactly as with zlib.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <setjmp.h>
+#include <cmocka.h>
+#include <zlib.h>
+
+#include "formats/zcodec.h"
+
+#define CL 65536
+
+/* Disk-like data: text, runs of zeros and a little noise. */
+static void fill(uint8_t *p, size_t n, unsigned seed)
+{
+    static const char *w[] = { "int ", "return ", "struct ", "vimg ", "{\n", "}\n",
+                               "qcow2 ", "0x1f, ", "static ", "#include ", "void ", "\n" };
+    size_t i = 0;
+
+    srand(seed);
+    while (i < n) {
+        int k = rand() % 16;
+        if (k < 12) {
+            for (const char *s = w[k]; *s && i < n; s++) {
+                p[i++] = (uint8_t)*s;
+            }
+        } else if (k < 14) {
+            for (int j = rand() % 300; j > 0 && i < n; j--) {
+                p[i++] = 0;
+            }
+        } else {
+            for (int j = rand() % 40; j > 0 && i < n; j--) {
+                p[i++] = (uint8_t)rand();
+            }
+        }
+    }
+}
+
+/* raw deflate with a 4 KiB window, as qemu's qcow2 writes it */
+static size_t raw_deflate(uint8_t *dst, size_t cap, const uint8_t *src, size_t n)
+{
+    z_stream z;
+
+    memset(&z, 0, sizeof(z));
+    assert_int_equal(Z_OK, deflateInit2(&z, 6, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY));
+    z.next_in = (Bytef *)src;
+    z.avail_in = (uInt)n;
+    z.next_out = dst;
+    z.avail_out = (uInt)cap;
+    assert_int_equal(Z_STREAM_END, deflate(&z, Z_FINISH));
+    deflateEnd(&z);
+    return cap - z.avail_out;
+}
+
+/* qemu's qcow2_decompress, with zlib only: the reference answer */
+static int ref_inflate_raw(uint8_t *dst, size_t dlen, const uint8_t *src, size_t slen)
+{
+    z_stream z;
+    int ret;
+
+    memset(&z, 0, sizeof(z));
+    assert_int_equal(Z_OK, inflateInit2(&z, -12));
+    z.next_in = (Bytef *)src;
+    z.avail_in = (uInt)slen;
+    z.next_out = dst;
+    z.avail_out = (uInt)dlen;
+    ret = inflate(&z, Z_FINISH);
+    inflateEnd(&z);
+    return (Z_STREAM_END == ret || Z_BUF_ERROR == ret) && 0 == z.avail_out ? 0 : -EIO;
+}
+
+static void test_inflate_raw_cluster_with_sector_tail(void **state)
+{
+    uint8_t *in = malloc(CL), *c = malloc(2 * CL), *out = malloc(CL);
+    size_t n;
+
+    fill(in, CL, 1);
+    n = raw_deflate(c, 2 * CL, in, CL);
+    /* qcow2 stores the length rounded up to the sector: garbage follows */
+    memset(c + n, 0xa5, 512);
+    assert_int_equal(0, vimg_inflate_raw(out, CL, c, n + 511, 12));
+    assert_memory_equal(in, out, CL);
+    assert_int_equal(0, vimg_inflate_raw(out, CL, c, n, 12));
+    assert_memory_equal(in, out, CL);
+    free(in);
+    free(c);
+    free(out);
+}
+
+static void test_inflate_raw_longer_stream_fills_cluster(void **state)
+{
+    uint8_t *in = malloc(2 * CL), *c = malloc(3 * CL), *out = malloc(CL);
+    size_t n;
+
+    /* qemu accepts a stream that has more once the cluster is full */
+    fill(in, 2 * CL, 2);
+    n = raw_deflate(c, 3 * CL, in, CL + 4096);
+    assert_int_equal(0, vimg_inflate_raw(out, CL, c, n, 12));
+    assert_memory_equal(in, out, CL);
+    free(in);
+    free(c);
+    free(out);
+}
+
+static void test_inflate_raw_short_or_cut_is_eio(void **state)
+{
+    uint8_t *in = malloc(CL), *c = malloc(2 * CL), *out = malloc(CL);
+    size_t n;
+
+    fill(in, CL, 3);
+    n = raw_deflate(c, 2 * CL, in, CL - 1);
+    assert_int_equal(-EIO, vimg_inflate_raw(out, CL, c, n, 12));
+    n = raw_deflate(c, 2 * CL, in, CL);
+    assert_int_equal(-EIO, vimg_inflate_raw(out, CL, c, n / 2, 12));
+    assert_int_equal(-EIO, vimg_inflate_raw(out, CL, c, 0, 12));
+    free(in);
+    free(c);
+    free(out);
+}
+
+/* Damaged streams decode exactly as zlib decodes them. */
+static void test_inflate_raw_matches_zlib_on_damage(void **state)
+{
+    uint8_t *in = malloc(CL), *c = malloc(2 * CL), *m = malloc(2 * CL);
+    uint8_t *a = malloc(CL), *b = malloc(CL);
+    size_t n;
+    unsigned ok = 0;
+
+    fill(in, CL, 4);
+    n = raw_deflate(c, 2 * CL, in, CL);
+    srand(77);
+    for (int i = 0; i < 3000; i++) {
+        size_t len = n + 64;
+        int flips = 1 + rand() % 3;
+        memcpy(m, c, n);
+        memset(m + n, rand() & 0xff, 64);
+        for (int f = 0; f < flips; f++) {
+            m[(size_t)rand() % n] ^= (uint8_t)(1u << (rand() % 8));
+        }
+        if (0 == i % 7) {
+            len = (size_t)rand() % (n + 64);
+        }
+        memset(a, 0x11, CL);
+        memset(b, 0x11, CL);
+        int want = ref_inflate_raw(a, CL, m, len);
+        int got = vimg_inflate_raw(b, CL, m, len, 12);
+        assert_int_equal(want, got);
+        if (0 == want) {
+            assert_memory_equal(a, b, CL);
+            ok++;
+        }
+    }
+    /* the flips must leave some streams decodable, or the test is idle */
+    assert_true(ok > 0);
+    free(in);
+    free(c);
+    free(m);
+    free(a);
+    free(b);
+}
+
+static void test_zlib_uncompress_plain_tail_and_short(void **state)
+{
+    uint8_t *in = malloc(CL), *c = malloc(2 * CL), *out = malloc(CL);
+    uLongf n = 2 * CL;
+    size_t got = 0;
+
+    fill(in, CL, 5);
+    assert_int_equal(Z_OK, compress2(c, &n, in, CL, 6));
+    memset(c + n, 0, 512);
+    /* bytes after the stream (the rest of the sector) are ignored */
+    assert_int_equal(0, vimg_zlib_uncompress(out, CL, &got, c, n + 500));
+    assert_int_equal(CL, got);
+    assert_memory_equal(in, out, CL);
+    /* a grain may be shorter than the buffer (the last one of a disk) */
+    n = 2 * CL;
+    assert_int_equal(Z_OK, compress2(c, &n, in, 1000, 6));
+    assert_int_equal(0, vimg_zlib_uncompress(out, CL, &got, c, n));
+    assert_int_equal(1000, got);
+    assert_memory_equal(in, out, 1000);
+    /* too long for the buffer, cut, bad checksum */
+    assert_int_equal(-EIO, vimg_zlib_uncompress(out, 999, &got, c, n));
+    assert_int_equal(-EIO, vimg_zlib_uncompress(out, CL, &got, c, n - 1));
+    c[n - 1] ^= 1;
+    assert_int_equal(-EIO, vimg_zlib_uncompress(out, CL, &got, c, n));
+    free(in);
+    free(c);
+    free(out);
+}
+
+static void test_zlib_uncompress_matches_zlib_on_damage(void **state)
+{
+    uint8_t *in = malloc(CL), *c = malloc(2 * CL), *m = malloc(2 * CL);
+    uint8_t *a = malloc(CL), *b = malloc(CL);
+    uLongf n = 2 * CL;
+
+    fill(in, CL, 6);
+    assert_int_equal(Z_OK, compress2(c, &n, in, CL, 6));
+    srand(78);
+    for (int i = 0; i < 2000; i++) {
+        size_t len = n, got = 0;
+        uLongf want_len = CL;
+        memcpy(m, c, n);
+        m[(size_t)rand() % n] ^= (uint8_t)(1u << (rand() % 8));
+        if (0 == i % 5) {
+            len = (size_t)rand() % n;
+        }
+        int want = Z_OK == uncompress(a, &want_len, m, len) ? 0 : -EIO;
+        int r = vimg_zlib_uncompress(b, CL, &got, m, len);
+        assert_int_equal(want, r);
+        if (0 == want) {
+            assert_int_equal(want_len, got);
+            assert_memory_equal(a, b, got);
+        }
+    }
+    free(in);
+    free(c);
+    free(m);
+    free(a);
+    free(b);
+}
+
+static void test_zlib_compress_round_trip_and_nospc(void **state)
+{
+    uint8_t *in = malloc(CL), *c = malloc(2 * CL), *out = malloc(CL);
+    uLongf n = CL;
+    long r;
+
+    fill(in, CL, 7);
+    r = vimg_zlib_compress(c, 2 * CL, in, CL, Z_DEFAULT_COMPRESSION);
+    assert_true(r > 0 && r < CL);
+    /* whatever encoded it, zlib (qemu's decoder) reads it back */
+    assert_int_equal(Z_OK, uncompress(out, &n, c, (uLong)r));
+    assert_int_equal(CL, n);
+    assert_memory_equal(in, out, CL);
+    assert_int_equal(-ENOSPC, vimg_zlib_compress(c, 16, in, CL, Z_DEFAULT_COMPRESSION));
+    /* noise does not shrink; a bound's worth of room still takes it */
+    for (size_t i = 0; i < CL; i++) {
+        in[i] = (uint8_t)rand();
+    }
+    r = vimg_zlib_compress(c, compressBound(CL), in, CL, Z_DEFAULT_COMPRESSION);
+    assert_true(r > CL);
+    n = CL;
+    assert_int_equal(Z_OK, uncompress(out, &n, c, (uLong)r));
+    assert_memory_equal(in, out, CL);
+    assert_int_equal(-ENOSPC, vimg_zlib_compress(c, CL, in, CL, Z_DEFAULT_COMPRESSION));
+    free(in);
+    free(c);
+    free(out);
+}
+
+/* Each thread has its own codec objects: run several at once (ASan/TSan
+ * builds see any sharing) and let them exit (their objects are freed). */
+static void *codec_thread(void *arg)
+{
+    uint8_t *in = malloc(CL), *c = malloc(2 * CL), *out = malloc(CL);
+    unsigned seed = (unsigned)(uintptr_t)arg;
+    intptr_t bad = 0;
+
+    fill(in, CL, seed);
+    for (int i = 0; i < 20; i++) {
+        long r = vimg_zlib_compress(c, 2 * CL, in, CL, 6);
+        size_t got = 0;
+        if (r <= 0 || vimg_zlib_uncompress(out, CL, &got, c, (size_t)r) || got != CL ||
+            memcmp(in, out, CL)) {
+            bad++;
+        }
+        size_t n = raw_deflate(c, 2 * CL, in, CL);
+        if (vimg_inflate_raw(out, CL, c, n, 12) || memcmp(in, out, CL)) {
+            bad++;
+        }
+    }
+    free(in);
+    free(c);
+    free(out);
+    return (void *)bad;
+}
+
+static void test_codecs_on_threads(void **state)
+{
+    pthread_t t[4];
+
+    for (uintptr_t i = 0; i < 4; i++) {
+        assert_int_equal(0, pthread_create(&t[i], NULL, codec_thread, (void *)(i + 10)));
+    }
+    for (int i = 0; i < 4; i++) {
+        void *bad = (void *)1;
+        assert_int_equal(0, pthread_join(t[i], &bad));
+        assert_null(bad);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_inflate_raw_cluster_with_sector_tail),
+        cmocka_unit_test(test_inflate_raw_longer_stream_fills_cluster),
+        cmocka_unit_test(test_inflate_raw_short_or_cut_is_eio),
+        cmocka_unit_test(test_inflate_raw_matches_zlib_on_damage),
+        cmocka_unit_test(test_zlib_uncompress_plain_tail_and_short),
+        cmocka_unit_test(test_zlib_uncompress_matches_zlib_on_damage),
+        cmocka_unit_test(test_zlib_compress_round_trip_and_nospc),
+        cmocka_unit_test(test_codecs_on_threads),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
