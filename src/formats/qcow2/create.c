@@ -161,6 +161,7 @@ static int qcow2_do_create(const char *filename, struct vimg_file *f, uint64_t s
     struct vimg_image *img;
     struct qcow2_state *s;
     uint64_t off;
+    bool inline_prealloc;
     int ret;
 
     if (!buf) {
@@ -214,7 +215,11 @@ static int qcow2_do_create(const char *filename, struct vimg_file *f, uint64_t s
     if (ret < 0) {
         goto out;
     }
-    ret = qcow2_truncate(img, size, VIMG_PREALLOC_OFF, err);
+    /* falloc/full into the image file: qemu's truncate lays the image out
+     * itself (a new refcount area past the L1 table, then the data) */
+    inline_prealloc = !data_file && (VIMG_PREALLOC_FALLOC == prealloc ||
+                                     VIMG_PREALLOC_FULL == prealloc);
+    ret = qcow2_truncate(img, size, inline_prealloc ? prealloc : VIMG_PREALLOC_OFF, err);
     if (ret < 0) {
         vimg_error_prefix(err, "Could not resize image: ");
         goto out;
@@ -235,16 +240,16 @@ static int qcow2_do_create(const char *filename, struct vimg_file *f, uint64_t s
                              0);
         }
     }
-    if (VIMG_PREALLOC_OFF != prealloc) {
+    if (VIMG_PREALLOC_OFF != prealloc && !inline_prealloc) {
         ret = qcow2_prealloc_metadata(img, 0, size, err);
         if (ret < 0) {
             goto out;
         }
         if (VIMG_PREALLOC_FALLOC == prealloc || VIMG_PREALLOC_FULL == prealloc) {
+            /* only an external data file comes here */
             int64_t len = vimg_file_size(s->data_file);
-            uint64_t start = data_file ? 0 : 3 * cluster_size;
-            if (len > 0 && (uint64_t)len > start) {
-                ret = s->data_file->ops->allocate(s->data_file, start, (uint64_t)len - start,
+            if (len > 0) {
+                ret = s->data_file->ops->allocate(s->data_file, 0, (uint64_t)len,
                                                   VIMG_PREALLOC_FULL == prealloc
                                                       ? VIMG_ALLOC_FULL : VIMG_ALLOC_FALLOC);
                 if (ret < 0 && -ENOTSUP != ret) {

@@ -563,3 +563,143 @@ int qcow2_alloc_bytes(struct vimg_image *img, uint64_t len, uint64_t *host_off,
     }
     return 0;
 }
+
+/* Refcount blocks needed to count `clusters` clusters plus the refcount
+ * blocks and table themselves (the fixed point), as qemu computes it;
+ * `generous` leaves room for a table half as large again. */
+static uint64_t qcow2_rc_blocks_needed(uint64_t clusters, uint64_t cs, unsigned order,
+                                       bool generous)
+{
+    uint64_t per_table = cs / 8, per_block = (cs * 8) >> order;
+    uint64_t table = 0, blocks = 0, n = 0, last;
+
+    do {
+        last = n;
+        blocks = vimg_div_round_up(clusters + table + blocks, per_block);
+        table = vimg_div_round_up(blocks, per_table);
+        n = clusters + blocks + table;
+        if (n == last && generous) {
+            clusters += vimg_div_round_up(table, 2);
+            n = 0;
+            generous = false;
+        }
+    } while (n != last);
+    return blocks;
+}
+
+/*
+ * qemu's refcount area (what its preallocation=falloc|full lays out): at
+ * start, which must be past every used cluster, the missing refcount
+ * blocks and then a new refcount table, together covering everything up
+ * to start, themselves and `additional` clusters after them.  Blocks that
+ * exist are kept.  The header switches to the new table in one write
+ * once the blocks and the table are on disk, then the old table is freed.
+ * *end is the first byte after the area, where the additional clusters
+ * may go.
+ */
+int qcow2_refcount_area(struct vimg_image *img, uint64_t start, uint64_t additional,
+                        bool exact, uint64_t *end, struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    uint64_t cs = s->cluster_size;
+    uint64_t total, area_idx, table_size, table_clusters, max_idx, ncopy, nnew = 0;
+    uint64_t table_off, end_off, block_off;
+    uint64_t old_off = s->rt_offset, old_clusters = s->rt_clusters;
+    uint64_t *nrt;
+    uint8_t hdr[12];
+    int ret;
+
+    total = qcow2_rc_blocks_needed(start / cs + additional, cs, s->refcount_order, !exact);
+    if (total > QCOW2_MAX_REFTABLE_SIZE) {
+        vimg_error_set(err, EFBIG, "%s", strerror(EFBIG));
+        return -EFBIG;
+    }
+    area_idx = (start / cs) / s->rb_entries;
+    table_size = exact ? total : total + vimg_div_round_up(total, 2);
+    vimg_round_up(table_size, cs / 8, &table_size);
+    table_clusters = table_size * 8 / cs;
+    if (table_size > QCOW2_MAX_REFTABLE_SIZE) {
+        vimg_error_set(err, EFBIG, "%s", strerror(EFBIG));
+        return -EFBIG;
+    }
+    nrt = calloc(table_size, 8);
+    if (!nrt) {
+        vimg_error_set(err, ENOMEM, "out of memory");
+        return -ENOMEM;
+    }
+    max_idx = 0;
+    for (uint64_t i = s->rt_size; i > 1; i--) {
+        if (s->rt[i - 1] & QCOW2_REFT_OFFSET_MASK) {
+            max_idx = i - 1;
+            break;
+        }
+    }
+    /* a smaller table drops the blocks past it: nothing lies there */
+    ncopy = VIMG_MIN(table_size > max_idx ? max_idx + 1 : table_size, s->rt_size);
+    memcpy(nrt, s->rt, ncopy * 8);
+    for (uint64_t i = area_idx; i < total; i++) {
+        nnew += !nrt[i];
+    }
+    table_off = start + nnew * cs;
+    end_off = table_off + table_clusters * cs;
+
+    block_off = start;
+    for (uint64_t i = area_idx; i < total; i++) {
+        uint64_t first = i * s->rb_entries * cs, off;
+        uint8_t *rb;
+
+        if (nrt[i]) {
+            off = nrt[i] & QCOW2_REFT_OFFSET_MASK;
+            ret = qcow2_cache_get(img, &s->rb_cache, off, true, &rb, err);
+        } else {
+            off = block_off;
+            ret = qcow2_cache_get(img, &s->rb_cache, off, false, &rb, err);
+            nrt[i] = off;
+            block_off += cs;
+        }
+        if (ret < 0) {
+            goto fail;
+        }
+        if (first < end_off) {
+            uint64_t j = first < start ? (start - first) / cs : 0;
+            uint64_t lim = VIMG_MIN((end_off - first) / cs, s->rb_entries);
+            for (; j < lim; j++) {
+                qcow2_rb_set(s, rb, j, 1);
+            }
+        }
+        ret = vimg_file_pwrite(img->file, rb, cs, off);
+        if (ret < 0) {
+            qcow2_cache_drop(&s->rb_cache, off);
+            qcow2_io_error(img, ret, "Could not write refcount block", err);
+            goto fail;
+        }
+    }
+    for (uint64_t i = 0; i < table_size; i++) {
+        nrt[i] = htobe64(nrt[i]);
+    }
+    ret = vimg_file_pwrite(img->file, nrt, table_size * 8, table_off);
+    for (uint64_t i = 0; i < table_size; i++) {
+        nrt[i] = be64toh(nrt[i]);
+    }
+    if (ret < 0 || (ret = vimg_file_sync(img->file)) < 0) {
+        qcow2_io_error(img, ret, "Could not write refcount table", err);
+        goto fail;
+    }
+    vimg_st_be64(hdr, table_off);
+    vimg_st_be32(hdr + 8, (uint32_t)table_clusters);
+    ret = vimg_file_pwrite(img->file, hdr, 12, 48);
+    if (ret < 0 || (ret = vimg_file_sync(img->file)) < 0) {
+        qcow2_io_error(img, ret, "Could not switch to the new refcount table", err);
+        goto fail;
+    }
+    free(s->rt);
+    s->rt = nrt;
+    s->rt_size = table_size;
+    s->rt_offset = table_off;
+    s->rt_clusters = (uint32_t)table_clusters;
+    *end = end_off;
+    return qcow2_update_refcount(img, old_off, old_clusters * cs, -1, err);
+fail:
+    free(nrt);
+    return ret;
+}

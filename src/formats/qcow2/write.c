@@ -653,6 +653,140 @@ static int qcow2_set_size(struct vimg_image *img, uint64_t size, struct vimg_err
     return 0;
 }
 
+/*
+ * Growth with preallocation=falloc|full into the image file itself, laid
+ * out as qemu does: a new refcount area after the last used cluster that
+ * covers the new data and L2 tables, the data clusters in one run after
+ * it, the file grown over them, then the L2 entries in guest order (new L2
+ * tables go to the first free clusters, which the old refcount table has
+ * just become).  Extended L2 bitmaps are left alone: the preallocated
+ * subclusters still read from the backing file or as zeros.
+ */
+static int qcow2_prealloc_falloc(struct vimg_image *img, uint64_t old_length, uint64_t size,
+                                 enum vimg_prealloc prealloc, struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    uint64_t cs = s->cluster_size, last, old_end = 0, new_end = 0, start, host, guest;
+    uint64_t nb_data = 0, nb_l2;
+    int64_t fsize = vimg_file_size(img->file);
+    int ret;
+
+    if (fsize < 0) {
+        return qcow2_io_error(img, (int)fsize, "Failed to inquire current file length",
+                              err);
+    }
+    /* the area starts after the last cluster in use, not at the file's end */
+    last = vimg_div_round_up((uint64_t)fsize, cs);
+    while (last > 0) {
+        uint64_t rc;
+        ret = qcow2_get_refcount(img, last - 1, &rc, err);
+        if (ret < 0) {
+            return ret;
+        }
+        if (rc) {
+            break;
+        }
+        last--;
+    }
+    old_end = last ? last * cs : vimg_div_round_up((uint64_t)fsize, cs) * cs;
+    vimg_round_up(size, cs, &nb_data);
+    nb_data = (nb_data - qcow2_start_of_cluster(s, old_length)) >> s->cluster_bits;
+    /* one more L2 table for an unaligned head or tail */
+    nb_l2 = vimg_div_round_up(nb_data, s->l2_entries) + 1;
+    ret = qcow2_refcount_area(img, old_end, nb_data + nb_l2, true, &start, err);
+    if (ret < 0) {
+        vimg_error_prefix(err, "Failed to resize refcount structures: ");
+        return ret;
+    }
+    ret = qcow2_update_refcount(img, start, nb_data * cs, 1, err);
+    if (ret < 0) {
+        vimg_error_prefix(err, "Failed to allocate data clusters: ");
+        return ret;
+    }
+    new_end = start + nb_data * cs;
+    fsize = vimg_file_size(img->file);
+    if (fsize >= 0 && (uint64_t)fsize < new_end) {
+        ret = img->file->ops->allocate(img->file, (uint64_t)fsize, new_end - (uint64_t)fsize,
+                                       VIMG_PREALLOC_FULL == prealloc ? VIMG_ALLOC_FULL
+                                                                      : VIMG_ALLOC_FALLOC);
+        if (-ENOTSUP == ret) {
+            ret = img->file->ops->truncate(img->file, new_end);
+        }
+        if (ret < 0) {
+            qcow2_update_refcount(img, start, nb_data * cs, -1, &(struct vimg_error){ 0 });
+            return qcow2_io_error(img, ret, "Failed to resize underlying file", err);
+        }
+    }
+    host = start;
+    guest = old_length;
+    while (nb_data) {
+        uint64_t idx = (guest >> s->cluster_bits) & (s->l2_entries - 1);
+        uint64_t n = VIMG_MIN(nb_data, s->l2_entries - idx);
+        uint64_t head = qcow2_offset_into_cluster(s, guest), l2_off;
+        uint64_t *old;
+        uint8_t *l2;
+
+        guest = qcow2_start_of_cluster(s, guest);
+        ret = qcow2_get_l2_for_write(img, guest >> (s->cluster_bits + s->l2_bits), &l2_off,
+                                     err);
+        if (ret < 0) {
+            return ret;
+        }
+        if (head) {
+            /* the guest bytes before the old end move into the new cluster */
+            uint8_t *buf = malloc(head);
+            if (!buf) {
+                vimg_error_set(err, ENOMEM, "out of memory");
+                return -ENOMEM;
+            }
+            ret = vimg_pread(img, buf, head, guest, err);
+            if (ret >= 0) {
+                ret = vimg_file_pwrite(img->file, buf, head, host);
+                if (ret < 0) {
+                    qcow2_io_error(img, ret, "Could not write data", err);
+                }
+            }
+            free(buf);
+            if (ret < 0) {
+                return ret;
+            }
+        }
+        old = calloc(n, sizeof(*old));
+        if (!old) {
+            vimg_error_set(err, ENOMEM, "out of memory");
+            return -ENOMEM;
+        }
+        ret = qcow2_read_l2(img, l2_off, &l2, err);
+        if (ret < 0) {
+            free(old);
+            return ret;
+        }
+        for (uint64_t i = 0; i < n; i++) {
+            old[i] = qcow2_l2_entry(s, l2, idx + i);
+            vimg_st_be64(l2 + (idx + i) * s->l2_entry_size,
+                         (host + i * cs) | QCOW2_OFLAG_COPIED);
+        }
+        ret = vimg_file_pwrite(img->file, l2 + idx * s->l2_entry_size, n * s->l2_entry_size,
+                               l2_off + idx * s->l2_entry_size);
+        if (ret < 0) {
+            qcow2_cache_drop(&s->l2_cache, l2_off);
+            free(old);
+            return qcow2_io_error(img, ret, "Failed to update L2 tables", err);
+        }
+        for (uint64_t i = 0; i < n && ret >= 0; i++) {
+            ret = qcow2_release_entry(img, old[i], host + i * cs, err);
+        }
+        free(old);
+        if (ret < 0) {
+            return ret;
+        }
+        guest += n * cs;
+        host += n * cs;
+        nb_data -= n;
+    }
+    return 0;
+}
+
 int qcow2_truncate(struct vimg_image *img, uint64_t size, enum vimg_prealloc prealloc,
                    struct vimg_error *err)
 {
@@ -768,7 +902,14 @@ int qcow2_truncate(struct vimg_image *img, uint64_t size, enum vimg_prealloc pre
         if (ret < 0) {
             return ret;
         }
-        if (VIMG_PREALLOC_OFF != prealloc && size > old_size) {
+        if ((VIMG_PREALLOC_FALLOC == prealloc || VIMG_PREALLOC_FULL == prealloc) &&
+            (!s->data_file || s->data_file == img->file) && size >= old_size) {
+            /* qemu does this even when the size stays (create with size 0) */
+            ret = qcow2_prealloc_falloc(img, old_size, size, prealloc, err);
+            if (ret < 0) {
+                return ret;
+            }
+        } else if (VIMG_PREALLOC_OFF != prealloc && size > old_size) {
             struct vimg_file *df = s->data_file ? s->data_file : img->file;
             ret = qcow2_prealloc_metadata(img, old_size, size, err);
             if (ret < 0) {
