@@ -224,7 +224,9 @@ struct vimg_driver {
     bool data_only;
     /* Write one whole cluster (or the short last one) compressed, for
      * convert -c: offset is cluster-aligned, len == cluster size except at
-     * the end of the image.  NULL: the format cannot compress. */
+     * the end of the image.  NULL: the format cannot compress.  convert
+     * -c ends with one call with buf NULL and len 0, as qemu-img's "EOF"
+     * write: the driver may align its file end (qcow2) or do nothing. */
     int (*write_compressed)(struct vimg_image *img, const void *buf, size_t len,
                             uint64_t offset, struct vimg_error *err);
     /* Top-level ImageInfo facts (qcow2): *dirty (dirty-flag), *encrypted,

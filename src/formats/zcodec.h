@@ -1,7 +1,8 @@
 /*
  * DEFLATE for the drivers: qcow/qcow2 compressed clusters (raw deflate) and
- * vmdk grains (zlib streams).  With libdeflate (HAVE_LIBDEFLATE) decoding and
- * the vmdk encoder use it; zlib stays the reference: whatever libdeflate does
+ * vmdk grains (zlib streams).  With libdeflate (HAVE_LIBDEFLATE) decoding
+ * uses it; encoding is zlib's (same output size as qemu's); zlib stays the
+ * reference: whatever libdeflate does
  * not decode to the answer zlib would give is decoded again by zlib, so
  * corrupt or unusual data behave as they do in qemu.  Thread-safe: every
  * thread keeps its own libdeflate objects (freed when the thread exits).
@@ -9,6 +10,7 @@
 #ifndef VIMG_FORMATS_ZCODEC_H
 #define VIMG_FORMATS_ZCODEC_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 /*
@@ -32,5 +34,13 @@ int vimg_zlib_uncompress(void *dst, size_t dcap, size_t *out_len, const void *sr
  * -ENOSPC when it does not fit in dcap, -ENOMEM or -EIO.
  */
 long vimg_zlib_compress(void *dst, size_t dcap, const void *src, size_t slen, int level);
+/*
+ * True when DEFLATE cannot shrink buf below its own length: its byte
+ * entropy is so close to 8 bits that Huffman coding saves less than the
+ * code tables cost, and chance matches in such data are too rare to pay.
+ * Only answers for len >= 32 KiB (false below).  About 2 GB/s, so random
+ * or already compressed data skips the encoder's match search.
+ */
+bool vimg_looks_incompressible(const void *buf, size_t len);
 
 #endif

@@ -115,6 +115,11 @@ int qcow2_decompress(int type, void *dst, size_t dlen, const void *src, size_t s
 long qcow2_compress(int type, void *dst, size_t dlen, const void *src, size_t slen)
 {
     if (QCOW2_COMPRESS_ZLIB == type) {
+        if (dlen < slen && vimg_looks_incompressible(src, slen)) {
+            /* deflate would not get it below dlen: qemu then stores the
+             * cluster plainly, and so do we, without the match search */
+            return -ENOSPC;
+        }
         return qcow2_deflate(dst, dlen, src, slen);
     }
 #if HAVE_ZSTD
