@@ -37,6 +37,7 @@ static void zc_free(void *p)
 
     libdeflate_free_decompressor(t->d);
     free(t);
+    zc_mine = NULL;   /* a later destructor of this thread may decode again */
 }
 
 static void zc_key_init(void)
@@ -149,49 +150,49 @@ int vimg_zlib_uncompress(void *dst, size_t dcap, size_t *out_len, const void *sr
 bool vimg_looks_incompressible(const void *buf, size_t len)
 {
     const uint8_t *p = buf;
-    uint32_t h[4][256];
-    double sum = 0, n = (double)len;
+    enum { CHUNK = 16384 };
+    size_t i;
 
-    if (len < 32768 || len > (1u << 30)) {
+    if (len < 32768 || len > (1u << 30) || len % CHUNK) {
         return false;
     }
-    memset(h, 0, sizeof(h));
-    /* four tables: no store-to-load stall on runs of one byte value */
-    size_t i = 0;
-    for (; i + 4 <= len; i += 4) {
-        h[0][p[i]]++;
-        h[1][p[i + 1]]++;
-        h[2][p[i + 2]]++;
-        h[3][p[i + 3]]++;
-    }
-    for (; i < len; i++) {
-        h[0][p[i]]++;
-    }
-    for (int b = 0; b < 256; b++) {
-        uint32_t c = h[0][b] + h[1][b] + h[2][b] + h[3][b];
-        if (c) {
-            sum += c * log2(c);
+    /* Per 16 KiB, about what deflate codes with one set of Huffman tables:
+     * the bits per byte must be so close to 8 that the tables cannot pay
+     * for themselves (a saving of at most 64 bytes), or deflate wins. */
+    for (size_t c = 0; c < len; c += CHUNK) {
+        uint32_t h[4][256];
+        double sum = 0;
+        memset(h, 0, sizeof(h));
+        /* four tables: no store-to-load stall on runs of one byte value */
+        for (i = c; i < c + CHUNK; i += 4) {
+            h[0][p[i]]++;
+            h[1][p[i + 1]]++;
+            h[2][p[i + 2]]++;
+            h[3][p[i + 3]]++;
+        }
+        for (int b = 0; b < 256; b++) {
+            uint32_t n = h[0][b] + h[1][b] + h[2][b] + h[3][b];
+            if (n) {
+                sum += n * log2(n);
+            }
+        }
+        if (log2(CHUNK) - sum / CHUNK < 8.0 - 512.0 / CHUNK) {
+            return false;
         }
     }
-    /* bits per byte; Huffman coding can save at most (8 - entropy) * len
-     * / 8 bytes, and 64 of them do not pay for a dynamic block's tables */
-    double entropy = log2(n) - sum / n;
-    if (entropy < 8.0 - 512.0 / n) {
-        return false;
-    }
-    /* Even bytes of every value in equal numbers compress when they
-     * repeat (runs, copies): count 4-byte strings seen again within 4 KiB,
-     * the window qcow2 allows.  Random data has a handful by chance. */
+    /* Even bytes of every value in equal numbers compress when strings
+     * repeat (runs, copies, counters): count 3-byte strings (deflate's
+     * shortest match) seen again within 4 KiB, the window qcow2 allows.
+     * Random data has about len / 4096 of them by chance. */
     static const unsigned bits = 12;
     uint32_t last[1u << 12];
-    unsigned matches = 0;
+    unsigned matches = 0, limit = (unsigned)(len / 1024);
     memset(last, 0, sizeof(last));
-    for (i = 0; i + 4 <= len; i++) {
-        uint32_t v;
-        memcpy(&v, p + i, 4);
+    for (i = 0; i + 3 <= len; i++) {
+        uint32_t v = (uint32_t)p[i] | (uint32_t)p[i + 1] << 8 | (uint32_t)p[i + 2] << 16;
         uint32_t k = (v * 2654435761u) >> (32 - bits);
         uint32_t j = last[k];
-        if (j && i + 1 - j <= 4096 && 0 == memcmp(p + j - 1, &v, 4) && ++matches > 64) {
+        if (j && i + 1 - j <= 4096 && 0 == memcmp(p + j - 1, p + i, 3) && ++matches > limit) {
             return false;
         }
         last[k] = (uint32_t)i + 1;

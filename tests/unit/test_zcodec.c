@@ -287,6 +287,71 @@ static void *codec_thread(void *arg)
     return (void *)bad;
 }
 
+/* Raw deflate with qcow2's 4 KiB window, as qemu compresses a cluster. */
+static long deflate12(const uint8_t *in, size_t len, uint8_t *out, size_t cap)
+{
+    z_stream z;
+    memset(&z, 0, sizeof(z));
+    assert_int_equal(Z_OK, deflateInit2(&z, 6, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY));
+    z.next_in = (Bytef *)in;
+    z.avail_in = (uInt)len;
+    z.next_out = out;
+    z.avail_out = (uInt)cap;
+    assert_int_equal(Z_STREAM_END, deflate(&z, Z_FINISH));
+    deflateEnd(&z);
+    return (long)(cap - z.avail_out);
+}
+
+/* The gate may only say "incompressible" where deflate indeed cannot get
+ * below the cluster size; random data must be recognised. */
+static void test_looks_incompressible(void **state)
+{
+    enum { CS = 65536 };
+    uint8_t *g = malloc(CS), *c = malloc(2 * CS);
+    uint32_t x = 12345;
+    int judged = 0;
+
+    assert_non_null(g);
+    assert_non_null(c);
+    for (int t = 0; t < 200; t++) {
+        for (int i = 0; i < CS; i++) {
+            x = x * 1103515245u + 12345u;
+            g[i] = (uint8_t)(x >> 23);
+        }
+        /* a few zeros or copies in some of them */
+        for (int k = 0; k < t % 40; k++) {
+            g[(k * 7919 + t) % CS] = 0;
+        }
+        if (t % 10 == 9) {
+            memcpy(g + 1000, g, 300);
+        }
+        bool inc = vimg_looks_incompressible(g, CS);
+        judged += inc;
+        if (inc) {
+            assert_true(deflate12(g, CS, c, 2 * CS) >= CS - 1);
+        }
+    }
+    assert_true(judged >= 150);
+    /* structured data with every byte value equally often */
+    for (int i = 0; i < CS; i += 2) {
+        g[i] = (uint8_t)(i >> 8);
+        g[i + 1] = (uint8_t)(i >> 1);
+    }
+    assert_false(vimg_looks_incompressible(g, CS));
+    for (int i = 0; i < CS; i++) {
+        g[i] = (uint8_t)((i / 100) * 31);
+    }
+    assert_false(vimg_looks_incompressible(g, CS));
+    for (int i = 0; i < CS; i++) {
+        g[i] = (uint8_t)i;
+    }
+    assert_false(vimg_looks_incompressible(g, CS));
+    /* too short to judge */
+    assert_false(vimg_looks_incompressible(g, 4096));
+    free(g);
+    free(c);
+}
+
 static void test_codecs_on_threads(void **state)
 {
     pthread_t t[4];
@@ -311,6 +376,7 @@ int main(void)
         cmocka_unit_test(test_zlib_uncompress_plain_tail_and_short),
         cmocka_unit_test(test_zlib_uncompress_matches_zlib_on_damage),
         cmocka_unit_test(test_zlib_compress_round_trip_and_nospc),
+        cmocka_unit_test(test_looks_incompressible),
         cmocka_unit_test(test_codecs_on_threads),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
