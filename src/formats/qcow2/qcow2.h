@@ -250,9 +250,11 @@ int qcow2_alloc_clusters(struct vimg_image *img, uint64_t n, uint64_t *host_off,
 int qcow2_alloc_bytes(struct vimg_image *img, uint64_t len, uint64_t *host_off,
                       struct vimg_error *err);
 /* qemu's qcow2_refcount_area: new refcount table and blocks at start that
- * cover the file and `additional` clusters past them; *end = their end. */
+ * cover the file and `additional` clusters past them, entry new_rb_idx set
+ * to new_rb_off when that is not 0; *end = their end. */
 int qcow2_refcount_area(struct vimg_image *img, uint64_t start, uint64_t additional,
-                        bool exact, uint64_t *end, struct vimg_error *err);
+                        bool exact, uint64_t new_rb_idx, uint64_t new_rb_off, uint64_t *end,
+                        struct vimg_error *err);
 uint64_t qcow2_rb_get(const struct qcow2_state *s, const uint8_t *rb, uint64_t i);
 void qcow2_rb_set(const struct qcow2_state *s, uint8_t *rb, uint64_t i, uint64_t v);
 

@@ -158,14 +158,14 @@ static int qcow2_alloc_noref(struct vimg_image *img, uint64_t n, uint64_t *start
     return 0;
 }
 
-static int qcow2_grow_reftable(struct vimg_image *img, uint64_t need_idx,
-                               struct vimg_error *err);
-
 /*
  * Create the refcount block for rt_idx (cluster c needs it).  As in qemu,
  * the block goes to the first free cluster, describing itself when it can,
  * and the caller is told to start over (-EAGAIN, no message): the block may
- * have landed where the caller meant to put its data.
+ * have landed where the caller meant to put its data.  When the table has
+ * no entry rt_idx, qemu still places the block first and then builds a
+ * larger table, with blocks describing it, at the start of the first
+ * refcount block range past both the block and rt_idx's range.
  */
 static int qcow2_alloc_rb(struct vimg_image *img, uint64_t rt_idx, struct vimg_error *err)
 {
@@ -174,10 +174,6 @@ static int qcow2_alloc_rb(struct vimg_image *img, uint64_t rt_idx, struct vimg_e
     uint8_t *rb, ent[8];
     int ret;
 
-    if (rt_idx >= s->rt_size) {
-        ret = qcow2_grow_reftable(img, rt_idx, err);
-        return ret < 0 ? ret : -EAGAIN;
-    }
     ret = qcow2_alloc_noref(img, 1, &nb, err);
     if (ret < 0) {
         return ret;
@@ -200,6 +196,12 @@ static int qcow2_alloc_rb(struct vimg_image *img, uint64_t rt_idx, struct vimg_e
         qcow2_cache_drop(&s->rb_cache, nb << s->cluster_bits);
         return qcow2_io_error(img, ret, "Could not write refcount block", err);
     }
+    if (rt_idx >= s->rt_size) {
+        uint64_t used = VIMG_MAX(rt_idx + 1, nb / s->rb_entries + 1), end;
+        ret = qcow2_refcount_area(img, (used * s->rb_entries) << s->cluster_bits, 0, false,
+                                  rt_idx, nb << s->cluster_bits, &end, err);
+        return ret < 0 ? ret : -EAGAIN;
+    }
     vimg_st_be64(ent, nb << s->cluster_bits);
     ret = vimg_file_pwrite(img->file, ent, 8, s->rt_offset + rt_idx * 8);
     if (ret < 0) {
@@ -207,157 +209,6 @@ static int qcow2_alloc_rb(struct vimg_image *img, uint64_t rt_idx, struct vimg_e
     }
     s->rt[rt_idx] = nb << s->cluster_bits;
     return -EAGAIN;
-}
-
-/*
- * A larger refcount table, written at the end of the file together with the
- * refcount blocks that cover it and itself.  The header switches to it in
- * one small write once everything it points to is on disk; the old table
- * is freed after that.
- */
-static int qcow2_grow_reftable(struct vimg_image *img, uint64_t need_idx,
-                               struct vimg_error *err)
-{
-    struct qcow2_state *s = qcow2_s(img);
-    int64_t fsize = vimg_file_size(img->file);
-    uint64_t a, t, b, new_size, last_idx, rc;
-    uint64_t old_off = s->rt_offset, old_clusters = s->rt_clusters;
-    uint64_t *nrt = NULL;
-    uint8_t *blk = NULL, hdr[12];
-    int ret;
-
-    if (fsize < 0) {
-        return qcow2_io_error(img, (int)fsize, "Could not get file size", err);
-    }
-    a = vimg_div_round_up((uint64_t)fsize, s->cluster_size);
-    /* start past anything refcounted (allocated but not yet written) */
-    for (uint64_t guard = 0;; guard++) {
-        if (guard > 65536) {
-            vimg_error_set(err, EIO, "'%s': no free cluster found: the refcounts "
-                           "are corrupt", img->filename);
-            return -EIO;
-        }
-        ret = qcow2_get_refcount(img, a, &rc, err);
-        if (ret < 0) {
-            return ret;
-        }
-        if (0 == rc && a / s->rb_entries >= s->rt_size) {
-            break;
-        }
-        if (0 == rc) {
-            /* check the rest of that block's range is free */
-            uint64_t j = a + 1, lim = (a / s->rb_entries + 1) * s->rb_entries;
-            bool used = false;
-            for (; j < lim; j++) {
-                ret = qcow2_get_refcount(img, j, &rc, err);
-                if (ret < 0) {
-                    return ret;
-                }
-                if (rc) {
-                    used = true;
-                    break;
-                }
-            }
-            if (!used) {
-                break;
-            }
-            a = j + 1;
-            continue;
-        }
-        a++;
-    }
-    t = 0;
-    b = 0;
-    for (int iter = 0; iter < 64; iter++) {
-        uint64_t nb = 0, nt;
-        uint64_t end = a + t + b;
-        last_idx = VIMG_MAX(need_idx, (end ? end - 1 : 0) / s->rb_entries);
-        for (uint64_t r = a / s->rb_entries; r <= (end ? end - 1 : a) / s->rb_entries; r++) {
-            if (r >= s->rt_size || !(s->rt[r] & QCOW2_REFT_OFFSET_MASK)) {
-                nb++;
-            }
-        }
-        new_size = VIMG_MAX(last_idx + 1, s->rt_size + s->rt_size / 2);
-        nt = vimg_div_round_up(new_size * 8, s->cluster_size);
-        if (nt == t && nb == b) {
-            break;
-        }
-        t = nt;
-        b = nb;
-    }
-    if (t * s->cluster_size > QCOW2_MAX_REFTABLE_SIZE) {
-        vimg_error_set(err, EFBIG, "'%s': the refcount table would grow too large",
-                       img->filename);
-        return -EFBIG;
-    }
-    new_size = t * s->cluster_size / 8;
-    nrt = calloc(new_size, 8);
-    blk = malloc(s->cluster_size);
-    if (!nrt || !blk) {
-        free(nrt);
-        free(blk);
-        vimg_error_set(err, ENOMEM, "out of memory");
-        return -ENOMEM;
-    }
-    memcpy(nrt, s->rt, s->rt_size * 8);
-    {
-        uint64_t end = a + t + b, next = a + t;
-        for (uint64_t r = a / s->rb_entries; r <= (end - 1) / s->rb_entries; r++) {
-            if (r < s->rt_size && (s->rt[r] & QCOW2_REFT_OFFSET_MASK)) {
-                continue;
-            }
-            memset(blk, 0, s->cluster_size);
-            for (uint64_t c = VIMG_MAX(a, r * s->rb_entries);
-                 c < end && c < (r + 1) * s->rb_entries; c++) {
-                qcow2_rb_set(s, blk, c % s->rb_entries, 1);
-            }
-            ret = vimg_file_pwrite(img->file, blk, s->cluster_size, next << s->cluster_bits);
-            if (ret < 0) {
-                goto io_fail;
-            }
-            nrt[r] = next << s->cluster_bits;
-            next++;
-        }
-    }
-    /* the area's clusters that fall in blocks that already exist */
-    for (uint64_t c = a; c < a + t + b; c++) {
-        uint64_t r = c / s->rb_entries;
-        if (r < s->rt_size && (s->rt[r] & QCOW2_REFT_OFFSET_MASK)) {
-            ret = qcow2_update_refcount(img, c << s->cluster_bits, 1, 1, err);
-            if (ret < 0) {
-                goto fail;
-            }
-        }
-    }
-    for (uint64_t i = 0; i < new_size; i++) {
-        nrt[i] = htobe64(nrt[i]);
-    }
-    ret = vimg_file_pwrite(img->file, nrt, new_size * 8, a << s->cluster_bits);
-    for (uint64_t i = 0; i < new_size; i++) {
-        nrt[i] = be64toh(nrt[i]);
-    }
-    if (ret < 0 || (ret = vimg_file_sync(img->file)) < 0) {
-        goto io_fail;
-    }
-    vimg_st_be64(hdr, a << s->cluster_bits);
-    vimg_st_be32(hdr + 8, (uint32_t)t);
-    ret = vimg_file_pwrite(img->file, hdr, 12, 48);
-    if (ret < 0 || (ret = vimg_file_sync(img->file)) < 0) {
-        goto io_fail;
-    }
-    free(s->rt);
-    s->rt = nrt;
-    s->rt_size = new_size;
-    s->rt_offset = a << s->cluster_bits;
-    s->rt_clusters = (uint32_t)t;
-    free(blk);
-    return qcow2_update_refcount(img, old_off, old_clusters * s->cluster_size, -1, err);
-io_fail:
-    qcow2_io_error(img, ret, "Could not grow the refcount table", err);
-fail:
-    free(nrt);
-    free(blk);
-    return ret;
 }
 
 static int qcow2_update_rc_undo(struct vimg_image *img, uint64_t host_off, uint64_t len,
@@ -592,13 +443,15 @@ static uint64_t qcow2_rc_blocks_needed(uint64_t clusters, uint64_t cs, unsigned 
  * start, which must be past every used cluster, the missing refcount
  * blocks and then a new refcount table, together covering everything up
  * to start, themselves and `additional` clusters after them.  Blocks that
- * exist are kept.  The header switches to the new table in one write
- * once the blocks and the table are on disk, then the old table is freed.
+ * exist are kept, and new_rb_off (when not 0) becomes entry new_rb_idx.
+ * The header switches to the new table in one write once the blocks and
+ * the table are on disk, then the old table is freed.
  * *end is the first byte after the area, where the additional clusters
  * may go.
  */
 int qcow2_refcount_area(struct vimg_image *img, uint64_t start, uint64_t additional,
-                        bool exact, uint64_t *end, struct vimg_error *err)
+                        bool exact, uint64_t new_rb_idx, uint64_t new_rb_off, uint64_t *end,
+                        struct vimg_error *err)
 {
     struct qcow2_state *s = qcow2_s(img);
     uint64_t cs = s->cluster_size;
@@ -637,6 +490,10 @@ int qcow2_refcount_area(struct vimg_image *img, uint64_t start, uint64_t additio
     /* a smaller table drops the blocks past it: nothing lies there */
     ncopy = VIMG_MIN(table_size > max_idx ? max_idx + 1 : table_size, s->rt_size);
     memcpy(nrt, s->rt, ncopy * 8);
+    if (new_rb_off && new_rb_idx < total) {
+        /* a block just placed for an index the old table does not have */
+        nrt[new_rb_idx] = new_rb_off;
+    }
     for (uint64_t i = area_idx; i < total; i++) {
         nnew += !nrt[i];
     }

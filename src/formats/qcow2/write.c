@@ -693,7 +693,7 @@ static int qcow2_prealloc_falloc(struct vimg_image *img, uint64_t old_length, ui
     nb_data = (nb_data - qcow2_start_of_cluster(s, old_length)) >> s->cluster_bits;
     /* one more L2 table for an unaligned head or tail */
     nb_l2 = vimg_div_round_up(nb_data, s->l2_entries) + 1;
-    ret = qcow2_refcount_area(img, old_end, nb_data + nb_l2, true, &start, err);
+    ret = qcow2_refcount_area(img, old_end, nb_data + nb_l2, true, 0, 0, &start, err);
     if (ret < 0) {
         vimg_error_prefix(err, "Failed to resize refcount structures: ");
         return ret;
