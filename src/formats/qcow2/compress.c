@@ -4,6 +4,8 @@
 #include "config.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <zlib.h>
 #if HAVE_ZSTD
@@ -36,16 +38,72 @@ static long qcow2_deflate(void *dst, size_t dlen, const void *src, size_t slen)
 }
 
 #if HAVE_ZSTD
+/*
+ * zstd contexts are costly to make (their tables are megabytes, mapped and
+ * faulted in afresh each time) and not thread-safe, so each thread keeps
+ * one of each: the copy engine's compression workers and readers call in
+ * here for every cluster.  The key's destructor frees them at thread exit.
+ */
+struct qc_tls {
+    ZSTD_CCtx *c;
+    ZSTD_DStream *d;
+};
+
+static pthread_key_t qc_key;
+static pthread_once_t qc_once = PTHREAD_ONCE_INIT;
+static int qc_key_ok;
+static __thread struct qc_tls *qc_mine;
+
+static void qc_free(void *p)
+{
+    struct qc_tls *t = p;
+
+    ZSTD_freeCCtx(t->c);
+    ZSTD_freeDStream(t->d);
+    free(t);
+    qc_mine = NULL;
+}
+
+static void qc_key_init(void)
+{
+    qc_key_ok = 0 == pthread_key_create(&qc_key, qc_free);
+}
+
+static struct qc_tls *qc_get(void)
+{
+    if (qc_mine) {
+        return qc_mine;
+    }
+    pthread_once(&qc_once, qc_key_init);
+    struct qc_tls *t = qc_key_ok ? calloc(1, sizeof(*t)) : NULL;
+    if (!t) {
+        return NULL;
+    }
+    if (pthread_setspecific(qc_key, t)) {
+        free(t);
+        return NULL;
+    }
+    qc_mine = t;
+    return t;
+}
+
 static int qcow2_unzstd(void *dst, size_t dlen, const void *src, size_t slen)
 {
-    ZSTD_DStream *ds = ZSTD_createDStream();
+    struct qc_tls *t = qc_get();
+    ZSTD_DStream *ds;
     ZSTD_outBuffer out = { dst, dlen, 0 };
     ZSTD_inBuffer in = { src, slen, 0 };
     int ret = 0;
 
-    if (!ds) {
+    if (!t) {
         return -ENOMEM;
     }
+    if (!t->d && !(t->d = ZSTD_createDStream())) {
+        return -ENOMEM;
+    }
+    ds = t->d;
+    /* a fresh frame: nothing left over from the last (maybe bad) cluster */
+    ZSTD_DCtx_reset(ds, ZSTD_reset_session_only);
     /* frame after frame until the cluster is full */
     while (out.pos < out.size) {
         size_t last = in.pos;
@@ -62,20 +120,27 @@ static int qcow2_unzstd(void *dst, size_t dlen, const void *src, size_t slen)
             break;
         }
     }
-    ZSTD_freeDStream(ds);
     return ret;
 }
 
 static long qcow2_zstd(void *dst, size_t dlen, const void *src, size_t slen)
 {
-    ZSTD_CCtx *cctx = ZSTD_createCCtx();
+    struct qc_tls *t = qc_get();
+    ZSTD_CCtx *cctx;
     ZSTD_outBuffer out = { dst, dlen, 0 };
     ZSTD_inBuffer in = { src, slen, 0 };
     long ret;
 
-    if (!cctx) {
+    if (!t) {
         return -ENOMEM;
     }
+    if (!t->c && !(t->c = ZSTD_createCCtx())) {
+        return -ENOMEM;
+    }
+    cctx = t->c;
+    /* parameters stay the defaults: the output is what a fresh context
+     * gives, qemu's */
+    ZSTD_CCtx_reset(cctx, ZSTD_reset_session_only);
     for (;;) {
         size_t r = ZSTD_compressStream2(cctx, &out, &in, ZSTD_e_end);
         if (ZSTD_isError(r)) {
@@ -91,7 +156,6 @@ static long qcow2_zstd(void *dst, size_t dlen, const void *src, size_t slen)
             break;
         }
     }
-    ZSTD_freeCCtx(cctx);
     return ret;
 }
 #endif
