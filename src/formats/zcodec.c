@@ -185,17 +185,18 @@ bool vimg_looks_incompressible(const void *buf, size_t len)
      * shortest match) seen again within 4 KiB, the window qcow2 allows.
      * Random data has about len / 4096 of them by chance. */
     static const unsigned bits = 12;
-    uint32_t last[1u << 12];
+    uint32_t last[1u << 12], seen[1u << 12];
     unsigned matches = 0, limit = (unsigned)(len / 1024);
+    uint32_t v = (uint32_t)p[0] << 8 | (uint32_t)p[1] << 16;
     memset(last, 0, sizeof(last));
     for (i = 0; i + 3 <= len; i++) {
-        uint32_t v = (uint32_t)p[i] | (uint32_t)p[i + 1] << 8 | (uint32_t)p[i + 2] << 16;
+        v = v >> 8 | (uint32_t)p[i + 2] << 16;      /* the 3 bytes at i */
         uint32_t k = (v * 2654435761u) >> (32 - bits);
-        uint32_t j = last[k];
-        if (j && i + 1 - j <= 4096 && 0 == memcmp(p + j - 1, p + i, 3) && ++matches > limit) {
+        if (last[k] && seen[k] == v && i + 1 - last[k] <= 4096 && ++matches > limit) {
             return false;
         }
         last[k] = (uint32_t)i + 1;
+        seen[k] = v;
     }
     return true;
 }
