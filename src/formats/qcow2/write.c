@@ -471,16 +471,21 @@ long qcow2_compress_cluster(struct vimg_image *img, void *out, size_t out_cap,
                        img->filename);
         return -EINVAL;
     }
-    /* a short last cluster is padded with zeros, as qemu does */
-    in = calloc(1, s->cluster_size);
-    if (!in) {
-        vimg_error_set(err, ENOMEM, "out of memory");
-        return -ENOMEM;
+    if (len == s->cluster_size) {
+        clen = qcow2_compress((int)s->compression_type, out,
+                              VIMG_MIN(out_cap, s->cluster_size - 1), buf, len);
+    } else {
+        /* a short last cluster is padded with zeros, as qemu does */
+        in = calloc(1, s->cluster_size);
+        if (!in) {
+            vimg_error_set(err, ENOMEM, "out of memory");
+            return -ENOMEM;
+        }
+        memcpy(in, buf, len);
+        clen = qcow2_compress((int)s->compression_type, out,
+                              VIMG_MIN(out_cap, s->cluster_size - 1), in, s->cluster_size);
+        free(in);
     }
-    memcpy(in, buf, len);
-    clen = qcow2_compress((int)s->compression_type, out,
-                          VIMG_MIN(out_cap, s->cluster_size - 1), in, s->cluster_size);
-    free(in);
     if (clen < 0 && -ENOSPC != clen) {
         vimg_error_set(err, EIO, "'%s': compression failed", img->filename);
     }
