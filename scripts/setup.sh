@@ -3,7 +3,7 @@
 # need, only when missing; uses sudo when not root.
 set -eu
 PKGS="build-essential zlib1g-dev libzstd-dev libdeflate-dev liburing-dev libaio-dev libssl-dev
-libcmocka-dev cmake ninja-build pkg-config clang qemu-utils python3 time
+libcmocka-dev cmake ninja-build pkg-config clang qemu-utils python3 time zstd
 libvirt-daemon libvirt-clients"
 missing=""
 for p in $PKGS; do
