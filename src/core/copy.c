@@ -172,6 +172,9 @@ struct copy_job {
     struct vimg_error *err;
     int ret;                    /* first failure (sticky) */
     uint64_t zero_off, zero_len; /* a zero run held back to join the next */
+    int cw_idx;                 /* the compressed walk's last status run */
+    uint64_t cw_off, cw_end;
+    unsigned cw_flags;
 
     uint64_t buf_size;
     unsigned depth;
@@ -1246,9 +1249,20 @@ static int cwalk_next(struct copy_job *j, uint64_t total, uint64_t cluster,
     uint64_t size = vimg_size(src), len, host_off;
     struct vimg_file *host;
     unsigned f;
-    int ret = job_status(j, src, j->w_off, size - j->w_off, &f, &len, &host, &host_off);
-    if (ret < 0) {
-        return ret;
+    if (j->cw_end && j->cw_idx == j->w_idx && j->w_off >= j->cw_off && j->w_off < j->cw_end) {
+        /* still inside the run the last query returned: a data run is
+         * handed out a cluster at a time, one query for all of them */
+        f = j->cw_flags;
+        len = j->cw_end - j->w_off;
+    } else {
+        int ret = job_status(j, src, j->w_off, size - j->w_off, &f, &len, &host, &host_off);
+        if (ret < 0) {
+            return ret;
+        }
+        j->cw_idx = j->w_idx;
+        j->cw_off = j->w_off;
+        j->cw_end = j->w_off + len;
+        j->cw_flags = f;
     }
     memset(it, 0, sizeof(*it));
     it->off = j->w_dst_base + j->w_off;
