@@ -255,6 +255,10 @@ int qcow2_alloc_bytes(struct vimg_image *img, uint64_t len, uint64_t *host_off,
 int qcow2_refcount_area(struct vimg_image *img, uint64_t start, uint64_t additional,
                         bool exact, uint64_t new_rb_idx, uint64_t new_rb_off, uint64_t *end,
                         struct vimg_error *err);
+/* How many clusters from the start of a file of fsize bytes reach up to
+ * the last one with a non-zero refcount (0: none in use). */
+int qcow2_clusters_in_use(struct vimg_image *img, uint64_t fsize, uint64_t *n,
+                          struct vimg_error *err);
 uint64_t qcow2_rb_get(const struct qcow2_state *s, const uint8_t *rb, uint64_t i);
 void qcow2_rb_set(const struct qcow2_state *s, uint8_t *rb, uint64_t i, uint64_t v);
 

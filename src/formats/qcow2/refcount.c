@@ -563,3 +563,24 @@ fail:
     free(nrt);
     return ret;
 }
+
+int qcow2_clusters_in_use(struct vimg_image *img, uint64_t fsize, uint64_t *n,
+                          struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    uint64_t last = vimg_div_round_up(fsize, s->cluster_size);
+
+    while (last > 0) {
+        uint64_t rc;
+        int ret = qcow2_get_refcount(img, last - 1, &rc, err);
+        if (ret < 0) {
+            return ret;
+        }
+        if (rc) {
+            break;
+        }
+        last--;
+    }
+    *n = last;
+    return 0;
+}

@@ -681,17 +681,9 @@ static int qcow2_prealloc_falloc(struct vimg_image *img, uint64_t old_length, ui
                               err);
     }
     /* the area starts after the last cluster in use, not at the file's end */
-    last = vimg_div_round_up((uint64_t)fsize, cs);
-    while (last > 0) {
-        uint64_t rc;
-        ret = qcow2_get_refcount(img, last - 1, &rc, err);
-        if (ret < 0) {
-            return ret;
-        }
-        if (rc) {
-            break;
-        }
-        last--;
+    ret = qcow2_clusters_in_use(img, (uint64_t)fsize, &last, err);
+    if (ret < 0) {
+        return ret;
     }
     old_end = last ? last * cs : vimg_div_round_up((uint64_t)fsize, cs) * cs;
     vimg_round_up(size, cs, &nb_data);
@@ -861,17 +853,10 @@ int qcow2_truncate(struct vimg_image *img, uint64_t size, enum vimg_prealloc pre
         /* as qemu: cut the file after the last cluster still in use */
         {
             int64_t fsize = vimg_file_size(img->file);
-            uint64_t last = fsize > 0 ? vimg_div_round_up((uint64_t)fsize, s->cluster_size) : 0;
-            while (last > 0) {
-                uint64_t rc;
-                ret = qcow2_get_refcount(img, last - 1, &rc, err);
-                if (ret < 0) {
-                    return ret;
-                }
-                if (rc) {
-                    break;
-                }
-                last--;
+            uint64_t last;
+            ret = qcow2_clusters_in_use(img, fsize > 0 ? (uint64_t)fsize : 0, &last, err);
+            if (ret < 0) {
+                return ret;
             }
             ret = qcow2_cache_flush(img, &s->rb_cache, err);
             if (ret < 0) {
