@@ -10,22 +10,6 @@
 #include "formats/qcow2/qcow2.h"
 #include "util/util.h"
 
-/* Refcount blocks and table for `clusters` clusters: the fixed point where
- * they also count themselves. */
-static uint64_t qcow2_refcount_meta(uint64_t clusters, uint64_t cs, unsigned order)
-{
-    uint64_t per_table = cs / 8, per_block = cs * 8 >> order;
-    uint64_t table = 0, blocks = 0, n = 0, last;
-
-    do {
-        last = n;
-        blocks = vimg_div_round_up(clusters + table + blocks, per_block);
-        table = vimg_div_round_up(blocks, per_table);
-        n = clusters + blocks + table;
-    } while (n != last);
-    return (blocks + table) * cs;
-}
-
 static uint64_t qcow2_prealloc_size(uint64_t size, uint64_t cs, unsigned order, bool ext)
 {
     uint64_t l2e = ext ? 16 : 8, meta = cs, nl1e, nl2e, aligned = 0;
@@ -37,7 +21,12 @@ static uint64_t qcow2_prealloc_size(uint64_t size, uint64_t cs, unsigned order, 
     nl1e = nl2e * l2e / cs;
     vimg_round_up(nl1e, cs / 8, &nl1e);
     meta += nl1e * 8;
-    meta += qcow2_refcount_meta((meta + aligned) / cs, cs, order);
+    {
+        /* refcount blocks and table, counting themselves too */
+        uint64_t table, blocks = qcow2_rc_blocks_needed((meta + aligned) / cs, cs, order,
+                                                        false, &table);
+        meta += (blocks + table) * cs;
+    }
     return meta + aligned;
 }
 

@@ -259,6 +259,11 @@ int qcow2_refcount_area(struct vimg_image *img, uint64_t start, uint64_t additio
  * the last one with a non-zero refcount (0: none in use). */
 int qcow2_clusters_in_use(struct vimg_image *img, uint64_t fsize, uint64_t *n,
                           struct vimg_error *err);
+/* Refcount blocks (and, in *table_out, table clusters) needed to count
+ * `clusters` clusters plus themselves, as qemu computes it; `generous`
+ * leaves room for a table half as large again. */
+uint64_t qcow2_rc_blocks_needed(uint64_t clusters, uint64_t cs, unsigned order,
+                                bool generous, uint64_t *table_out);
 uint64_t qcow2_rb_get(const struct qcow2_state *s, const uint8_t *rb, uint64_t i);
 void qcow2_rb_set(const struct qcow2_state *s, uint8_t *rb, uint64_t i, uint64_t v);
 

@@ -421,8 +421,8 @@ int qcow2_alloc_bytes(struct vimg_image *img, uint64_t len, uint64_t *host_off,
 /* Refcount blocks needed to count `clusters` clusters plus the refcount
  * blocks and table themselves (the fixed point), as qemu computes it;
  * `generous` leaves room for a table half as large again. */
-static uint64_t qcow2_rc_blocks_needed(uint64_t clusters, uint64_t cs, unsigned order,
-                                       bool generous)
+uint64_t qcow2_rc_blocks_needed(uint64_t clusters, uint64_t cs, unsigned order,
+                                bool generous, uint64_t *table_out)
 {
     uint64_t per_table = cs / 8, per_block = (cs * 8) >> order;
     uint64_t table = 0, blocks = 0, n = 0, last;
@@ -438,6 +438,9 @@ static uint64_t qcow2_rc_blocks_needed(uint64_t clusters, uint64_t cs, unsigned 
             generous = false;
         }
     } while (n != last);
+    if (table_out) {
+        *table_out = table;
+    }
     return blocks;
 }
 
@@ -465,7 +468,8 @@ int qcow2_refcount_area(struct vimg_image *img, uint64_t start, uint64_t additio
     uint8_t hdr[12];
     int ret;
 
-    total = qcow2_rc_blocks_needed(start / cs + additional, cs, s->refcount_order, !exact);
+    total = qcow2_rc_blocks_needed(start / cs + additional, cs, s->refcount_order, !exact,
+                                   NULL);
     if (total > QCOW2_MAX_REFTABLE_SIZE) {
         vimg_error_set(err, EFBIG, "%s", strerror(EFBIG));
         return -EFBIG;
