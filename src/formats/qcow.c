@@ -14,7 +14,6 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
-#include <zlib.h>
 
 #include "core/image.h"
 #include "core/opts.h"
@@ -725,29 +724,6 @@ static int qcow_write(struct vimg_image *img, const void *buf, size_t len, uint6
     return 0;
 }
 
-/* Compress one cluster (raw DEFLATE, 4 KiB window, as qemu reads it back).
- * Returns the compressed length, or 0 when it would not be smaller. */
-static size_t qcow_deflate(const uint8_t *in, size_t len, uint8_t *out, size_t out_max)
-{
-    z_stream z;
-    int ret;
-    size_t n;
-
-    memset(&z, 0, sizeof(z));
-    if (Z_OK != deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
-                             Z_DEFAULT_STRATEGY)) {
-        return 0;
-    }
-    z.next_in = (uint8_t *)in;
-    z.avail_in = (uInt)len;
-    z.next_out = out;
-    z.avail_out = (uInt)out_max;
-    ret = deflate(&z, Z_FINISH);
-    n = out_max - z.avail_out;
-    deflateEnd(&z);
-    return (Z_STREAM_END == ret && n < out_max) ? n : 0;
-}
-
 /* Thread-safe: compresses one cluster (the short last one padded with
  * zeros) without touching the image's state. */
 static long qcow_compress_cluster(struct vimg_image *img, void *out, size_t out_cap,
@@ -756,12 +732,15 @@ static long qcow_compress_cluster(struct vimg_image *img, void *out, size_t out_
     struct qcow_state *s = img->opaque;
     uint8_t *pad = NULL;
     const uint8_t *in = buf;
-    size_t clen;
+    long clen;
 
     if (len > s->cluster_size) {
         vimg_error_set(err, EINVAL, "'%s': compressed writes must cover one whole cluster",
                        img->filename);
         return -EINVAL;
+    }
+    if (out_cap < 2) {
+        return -ENOSPC;
     }
     if (len < s->cluster_size) {
         pad = calloc(1, s->cluster_size);
@@ -772,10 +751,15 @@ static long qcow_compress_cluster(struct vimg_image *img, void *out, size_t out_
         memcpy(pad, buf, len);
         in = pad;
     }
-    /* the result must be smaller than a cluster, or qemu stores it plainly */
-    clen = qcow_deflate(in, s->cluster_size, out, VIMG_MIN(out_cap, s->cluster_size));
+    /* raw deflate, 4 KiB window, as qemu reads it back; the result must be
+     * smaller than a cluster, or qemu stores it plainly */
+    clen = vimg_deflate_raw(out, VIMG_MIN(out_cap, s->cluster_size) - 1, in, s->cluster_size,
+                            12);
     free(pad);
-    return clen ? (long)clen : -ENOSPC;
+    if (clen < 0 && -ENOSPC != clen) {
+        vimg_error_set(err, EIO, "'%s': compression failed", img->filename);
+    }
+    return clen;
 }
 
 static int qcow_write_compressed_data(struct vimg_image *img, const void *cdata, size_t clen,

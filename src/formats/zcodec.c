@@ -7,23 +7,38 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <zlib.h>
 #if HAVE_LIBDEFLATE
 #include <libdeflate.h>
-#include <pthread.h>
+#endif
+#if HAVE_ZSTD
+#include <zstd.h>
 #endif
 
 #include "formats/zcodec.h"
+#include "util/util.h"
 
-#if HAVE_LIBDEFLATE
+
 /*
- * libdeflate objects are not thread-safe, so each thread keeps its own
- * decompressor: the copy engine's readers call in here for every cluster.
- * The key's destructor frees it when a worker exits; __thread makes the
- * lookup free.
+ * Codec objects are costly to make (zlib's deflate state and zstd's tables
+ * are hundreds of KiB to megabytes, mapped and faulted in afresh each time)
+ * and not thread-safe, while the copy engine's workers and readers call in
+ * here for every cluster.  So each thread keeps one of each it has used;
+ * the key's destructor frees them when the thread exits, and __thread
+ * makes the lookup free.
  */
 struct zc_tls {
+#if HAVE_LIBDEFLATE
     struct libdeflate_decompressor *d;
+    struct libdeflate_compressor *c;
+#endif
+    z_stream raw;          /* raw deflate encoder, window 2^raw_bits */
+    int raw_bits;          /* 0: raw not set up */
+#if HAVE_ZSTD
+    ZSTD_CCtx *zc;
+    ZSTD_DStream *zd;
+#endif
 };
 
 static pthread_key_t zc_key;
@@ -35,7 +50,17 @@ static void zc_free(void *p)
 {
     struct zc_tls *t = p;
 
+#if HAVE_LIBDEFLATE
     libdeflate_free_decompressor(t->d);
+    libdeflate_free_compressor(t->c);
+#endif
+    if (t->raw_bits) {
+        deflateEnd(&t->raw);
+    }
+#if HAVE_ZSTD
+    ZSTD_freeCCtx(t->zc);
+    ZSTD_freeDStream(t->zd);
+#endif
     free(t);
     zc_mine = NULL;   /* a later destructor of this thread may decode again */
 }
@@ -45,7 +70,7 @@ static void zc_key_init(void)
     zc_key_ok = 0 == pthread_key_create(&zc_key, zc_free);
 }
 
-/* This thread's objects, NULL when they cannot be had (then zlib does it). */
+/* This thread's objects, NULL when they cannot be had. */
 static struct zc_tls *zc_get(void)
 {
     if (zc_mine) {
@@ -67,6 +92,7 @@ static struct zc_tls *zc_get(void)
     return t;
 }
 
+#if HAVE_LIBDEFLATE
 static struct libdeflate_decompressor *zc_decompressor(void)
 {
     struct zc_tls *t = zc_get();
@@ -201,22 +227,106 @@ bool vimg_looks_incompressible(const void *buf, size_t len)
     return true;
 }
 
-long vimg_zlib_compress(void *dst, size_t dcap, const void *src, size_t slen, int level)
+long vimg_deflate_raw(void *dst, size_t dlen, const void *src, size_t slen, int window_bits)
 {
-    uLongf n = dcap;
-    int z;
+    struct zc_tls *t;
+    int ret;
 
-    if (level < 0) {
-        level = Z_DEFAULT_COMPRESSION == level ? 6 : level;
+    if (dlen > UINT_MAX || slen > UINT_MAX || window_bits < 9 || window_bits > 15) {
+        return -EINVAL;
     }
-    /* Encoding stays zlib's: libdeflate's level 6 finds fewer matches in
-     * text-like data (about 4 % bigger grains, measured), and its higher
-     * levels are slower than zlib's 6.  Data that cannot shrink goes out
-     * as stored blocks straight away, as zlib would end up storing it. */
-    if (level > 0 && vimg_looks_incompressible(src, slen)) {
-        level = 0;
+    if (dlen < slen && vimg_looks_incompressible(src, slen)) {
+        /* deflate would not get it below dlen: qemu then stores the
+         * cluster plainly, and so do we, without the match search */
+        return -ENOSPC;
     }
-    z = compress2(dst, &n, src, slen, level);
+    if (!(t = zc_get())) {
+        return -ENOMEM;
+    }
+    if (t->raw_bits != window_bits) {
+        if (t->raw_bits) {
+            deflateEnd(&t->raw);
+            t->raw_bits = 0;
+        }
+        memset(&t->raw, 0, sizeof(t->raw));
+        /* qemu's parameters: default level, memLevel 9 */
+        if (Z_OK != deflateInit2(&t->raw, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -window_bits, 9,
+                                 Z_DEFAULT_STRATEGY)) {
+            return -ENOMEM;
+        }
+        t->raw_bits = window_bits;
+    } else if (Z_OK != deflateReset(&t->raw)) {
+        return -EIO;
+    }
+    t->raw.next_in = (Bytef *)src;
+    t->raw.avail_in = (uInt)slen;
+    t->raw.next_out = dst;
+    t->raw.avail_out = (uInt)dlen;
+    ret = deflate(&t->raw, Z_FINISH);
+    if (Z_STREAM_END != ret) {
+        return Z_OK == ret || Z_BUF_ERROR == ret ? -ENOSPC : -EIO;
+    }
+    return (long)(dlen - t->raw.avail_out);
+}
+
+/* A zlib stream of stored blocks: what any level gives for data that does
+ * not shrink, without an encoder. */
+static long zlib_stored(uint8_t *dst, size_t dcap, const uint8_t *src, size_t slen)
+{
+    size_t blocks = slen ? (slen + 65534) / 65535 : 1, need = 2 + 5 * blocks + slen + 4;
+    uint32_t a = (uint32_t)adler32(1, src, (uInt)slen);
+    uint8_t *p = dst;
+
+    if (need > dcap) {
+        return -ENOSPC;
+    }
+    *p++ = 0x78;   /* deflate, 32 KiB window */
+    *p++ = 0x01;   /* no dictionary, lowest level; 0x7801 % 31 == 0 */
+    for (size_t i = 0; i < blocks; i++) {
+        size_t n = VIMG_MIN(slen - i * 65535, 65535);
+        *p++ = i + 1 == blocks;   /* BFINAL, BTYPE 00 */
+        *p++ = (uint8_t)n;
+        *p++ = (uint8_t)(n >> 8);
+        *p++ = (uint8_t)~n;
+        *p++ = (uint8_t)(~n >> 8);
+        memcpy(p, src + i * 65535, n);
+        p += n;
+    }
+    *p++ = (uint8_t)(a >> 24);
+    *p++ = (uint8_t)(a >> 16);
+    *p++ = (uint8_t)(a >> 8);
+    *p++ = (uint8_t)a;
+    return (long)need;
+}
+
+long vimg_zlib_compress(void *dst, size_t dcap, const void *src, size_t slen)
+{
+    if (slen > UINT_MAX || dcap > LONG_MAX) {
+        return -EINVAL;
+    }
+    if (vimg_looks_incompressible(src, slen)) {
+        return zlib_stored(dst, dcap, src, slen);
+    }
+#if HAVE_LIBDEFLATE
+    /* libdeflate's level 7 gives grains a little smaller than zlib's 6
+     * (qemu's) on text, binaries and file-system data alike, in 0.5-0.75 of
+     * the time (docs/performance.md, "vmdk stream write"). */
+    struct zc_tls *t = zc_get();
+    if (!t) {
+        return -ENOMEM;
+    }
+    if (!t->c && !(t->c = libdeflate_alloc_compressor(7))) {
+        return -ENOMEM;
+    }
+    size_t n = libdeflate_zlib_compress(t->c, src, slen, dst, dcap);
+    if (n) {
+        return (long)n;
+    }
+    /* no room: the stored form may still fit where dcap is just enough */
+    return zlib_stored(dst, dcap, src, slen);
+#else
+    uLongf n = dcap;
+    int z = compress2(dst, &n, src, slen, Z_DEFAULT_COMPRESSION);
     if (Z_BUF_ERROR == z) {
         return -ENOSPC;
     }
@@ -224,4 +334,67 @@ long vimg_zlib_compress(void *dst, size_t dcap, const void *src, size_t slen, in
         return -ENOMEM;
     }
     return Z_OK == z ? (long)n : -EIO;
+#endif
 }
+
+#if HAVE_ZSTD
+int vimg_zstd_decompress(void *dst, size_t dlen, const void *src, size_t slen)
+{
+    struct zc_tls *t = zc_get();
+    ZSTD_outBuffer out = { dst, dlen, 0 };
+    ZSTD_inBuffer in = { src, slen, 0 };
+
+    if (!t) {
+        return -ENOMEM;
+    }
+    if (!t->zd && !(t->zd = ZSTD_createDStream())) {
+        return -ENOMEM;
+    }
+    /* a fresh frame: nothing left over from the last (maybe bad) cluster */
+    ZSTD_DCtx_reset(t->zd, ZSTD_reset_session_only);
+    /* frame after frame until the cluster is full */
+    while (out.pos < out.size) {
+        size_t last = in.pos;
+        size_t r = ZSTD_decompressStream(t->zd, &out, &in);
+        if (ZSTD_isError(r)) {
+            return -EIO;
+        }
+        if (out.pos == out.size) {
+            break;
+        }
+        if (in.pos == in.size || (in.pos == last && 0 == r)) {
+            return -EIO;
+        }
+    }
+    return 0;
+}
+
+long vimg_zstd_compress(void *dst, size_t dlen, const void *src, size_t slen)
+{
+    struct zc_tls *t = zc_get();
+    ZSTD_outBuffer out = { dst, dlen, 0 };
+    ZSTD_inBuffer in = { src, slen, 0 };
+
+    if (!t) {
+        return -ENOMEM;
+    }
+    if (!t->zc && !(t->zc = ZSTD_createCCtx())) {
+        return -ENOMEM;
+    }
+    /* parameters stay the defaults: the output is what a fresh context
+     * gives, qemu's */
+    ZSTD_CCtx_reset(t->zc, ZSTD_reset_session_only);
+    for (;;) {
+        size_t r = ZSTD_compressStream2(t->zc, &out, &in, ZSTD_e_end);
+        if (ZSTD_isError(r)) {
+            return -EIO;
+        }
+        if (0 == r) {
+            return (long)out.pos;
+        }
+        if (out.pos == out.size) {
+            return -ENOSPC;
+        }
+    }
+}
+#endif

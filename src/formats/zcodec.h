@@ -1,11 +1,12 @@
 /*
- * DEFLATE for the drivers: qcow/qcow2 compressed clusters (raw deflate) and
- * vmdk grains (zlib streams).  With libdeflate (HAVE_LIBDEFLATE) decoding
- * uses it; encoding is zlib's (same output size as qemu's); zlib stays the
- * reference: whatever libdeflate does
- * not decode to the answer zlib would give is decoded again by zlib, so
- * corrupt or unusual data behave as they do in qemu.  Thread-safe: every
- * thread keeps its own libdeflate objects (freed when the thread exits).
+ * The codecs of the drivers: qcow/qcow2 compressed clusters (raw deflate
+ * with a 4 KiB window, or zstd) and vmdk grains (zlib streams).  With
+ * libdeflate (HAVE_LIBDEFLATE) decoding uses it, and so does vmdk grain
+ * encoding; raw deflate is encoded by zlib, whose window limit qemu's
+ * reader needs.  zlib stays the reference: whatever libdeflate does not
+ * decode to the answer zlib would give is decoded again by zlib, so corrupt
+ * or unusual data behave as they do in qemu.  Thread-safe: every thread
+ * keeps its own codec objects (freed when the thread exits).
  */
 #ifndef VIMG_FORMATS_ZCODEC_H
 #define VIMG_FORMATS_ZCODEC_H
@@ -30,10 +31,30 @@ int vimg_zlib_uncompress(void *dst, size_t dcap, size_t *out_len, const void *sr
                          size_t slen);
 
 /*
- * Encode src as one zlib stream at zlib level (0-9, -1 for 6): the length,
- * -ENOSPC when it does not fit in dcap, -ENOMEM or -EIO.
+ * Raw deflate at zlib's default level with a 2^window_bits window and
+ * memLevel 9 (qemu's qcow/qcow2 encoder, same output): the length, -ENOSPC
+ * when it does not fit in dlen (at once, without the match search, when
+ * dlen < slen and the data looks incompressible), -ENOMEM or -EIO.
  */
-long vimg_zlib_compress(void *dst, size_t dcap, const void *src, size_t slen, int level);
+long vimg_deflate_raw(void *dst, size_t dlen, const void *src, size_t slen, int window_bits);
+
+/*
+ * Encode src as one zlib stream (vmdk grains): libdeflate's level 7 when
+ * built in (smaller than zlib's default level, qemu's, and faster), else
+ * zlib's default level; stored blocks for data that looks incompressible.
+ * The length, -ENOSPC when it does not fit in dcap, -ENOMEM or -EIO.
+ */
+long vimg_zlib_compress(void *dst, size_t dcap, const void *src, size_t slen);
+
+#if HAVE_ZSTD
+/*
+ * qcow2's zstd clusters, as qemu: decode frame after frame until dst
+ * (dlen bytes) is full, 0 or -EIO; encode with a default context (the
+ * length, -ENOSPC when it does not fit in dlen).
+ */
+int vimg_zstd_decompress(void *dst, size_t dlen, const void *src, size_t slen);
+long vimg_zstd_compress(void *dst, size_t dlen, const void *src, size_t slen);
+#endif
 /*
  * True when DEFLATE cannot shrink buf below its own length: its byte
  * entropy is so close to 8 bits that Huffman coding saves less than the

@@ -238,23 +238,83 @@ static void test_zlib_compress_round_trip_and_nospc(void **state)
     long r;
 
     fill(in, CL, 7);
-    r = vimg_zlib_compress(c, 2 * CL, in, CL, Z_DEFAULT_COMPRESSION);
+    r = vimg_zlib_compress(c, 2 * CL, in, CL);
     assert_true(r > 0 && r < CL);
     /* whatever encoded it, zlib (qemu's decoder) reads it back */
     assert_int_equal(Z_OK, uncompress(out, &n, c, (uLong)r));
     assert_int_equal(CL, n);
     assert_memory_equal(in, out, CL);
-    assert_int_equal(-ENOSPC, vimg_zlib_compress(c, 16, in, CL, Z_DEFAULT_COMPRESSION));
+    assert_int_equal(-ENOSPC, vimg_zlib_compress(c, 16, in, CL));
     /* noise does not shrink; a bound's worth of room still takes it */
     for (size_t i = 0; i < CL; i++) {
         in[i] = (uint8_t)rand();
     }
-    r = vimg_zlib_compress(c, compressBound(CL), in, CL, Z_DEFAULT_COMPRESSION);
+    r = vimg_zlib_compress(c, compressBound(CL), in, CL);
     assert_true(r > CL);
     n = CL;
     assert_int_equal(Z_OK, uncompress(out, &n, c, (uLong)r));
     assert_memory_equal(in, out, CL);
-    assert_int_equal(-ENOSPC, vimg_zlib_compress(c, CL, in, CL, Z_DEFAULT_COMPRESSION));
+    assert_int_equal(-ENOSPC, vimg_zlib_compress(c, CL, in, CL));
+    free(in);
+    free(c);
+    free(out);
+}
+
+/* qcow/qcow2 clusters: what qemu's encoder (a fresh zlib stream, default
+ * level, 4 KiB window, memLevel 9) gives, byte for byte, also when the
+ * thread's encoder is reused and after a result that did not fit. */
+static void test_deflate_raw_is_qemus(void **state)
+{
+    uint8_t *in = malloc(CL), *c = malloc(2 * CL), *ref = malloc(2 * CL);
+
+    for (unsigned seed = 1; seed < 6; seed++) {
+        fill(in, CL, seed);
+        size_t n = raw_deflate(ref, 2 * CL, in, CL);
+        assert_int_equal(-ENOSPC, vimg_deflate_raw(c, n / 2, in, CL, 12));
+        long r = vimg_deflate_raw(c, CL - 1, in, CL, 12);
+        assert_int_equal((long)n, r);
+        assert_memory_equal(ref, c, n);
+    }
+    /* noise: refused at once when it must shrink, encoded when it may not */
+    for (size_t i = 0; i < CL; i++) {
+        in[i] = (uint8_t)rand();
+    }
+    assert_int_equal(-ENOSPC, vimg_deflate_raw(c, CL - 1, in, CL, 12));
+    assert_true(vimg_deflate_raw(c, 2 * CL, in, CL, 12) >= CL);
+    assert_int_equal(-EINVAL, vimg_deflate_raw(c, CL, in, CL, 16));
+    free(in);
+    free(c);
+    free(ref);
+}
+
+/* vmdk grains: never bigger than zlib's default level (qemu's) on
+ * disk-like data, and stored blocks for noise, which zlib reads back. */
+static void test_zlib_compress_size_and_stored(void **state)
+{
+    uint8_t *in = malloc(CL), *c = malloc(2 * CL), *out = malloc(CL);
+    size_t ours = 0, zl = 0;
+
+    for (unsigned seed = 20; seed < 30; seed++) {
+        uLongf z = 2 * CL;
+        fill(in, CL, seed);
+        long r = vimg_zlib_compress(c, 2 * CL, in, CL);
+        assert_true(r > 0);
+        ours += (size_t)r;
+        assert_int_equal(Z_OK, compress2(c, &z, in, CL, Z_DEFAULT_COMPRESSION));
+        zl += z;
+    }
+    assert_true(ours <= zl);
+    for (size_t i = 0; i < CL; i++) {
+        in[i] = (uint8_t)rand();
+    }
+    /* header, two stored blocks (65535 + 1 bytes), Adler-32 */
+    assert_int_equal(2 + 5 + 65535 + 5 + 1 + 4, vimg_zlib_compress(c, 2 * CL, in, CL));
+    assert_int_equal(-ENOSPC, vimg_zlib_compress(c, 2 + 5 + 65535 + 5 + 1 + 4 - 1, in, CL));
+    assert_int_equal(2 + 5 + 65535 + 5 + 1 + 4, vimg_zlib_compress(c, 2 + 5 + 65535 + 5 + 1 + 4, in, CL));
+    uLongf n = CL;
+    assert_int_equal(Z_OK, uncompress(out, &n, c, 2 + 5 + 65535 + 5 + 1 + 4));
+    assert_int_equal(CL, n);
+    assert_memory_equal(in, out, CL);
     free(in);
     free(c);
     free(out);
@@ -270,14 +330,14 @@ static void *codec_thread(void *arg)
 
     fill(in, CL, seed);
     for (int i = 0; i < 20; i++) {
-        long r = vimg_zlib_compress(c, 2 * CL, in, CL, 6);
+        long r = vimg_zlib_compress(c, 2 * CL, in, CL);
         size_t got = 0;
         if (r <= 0 || vimg_zlib_uncompress(out, CL, &got, c, (size_t)r) || got != CL ||
             memcmp(in, out, CL)) {
             bad++;
         }
-        size_t n = raw_deflate(c, 2 * CL, in, CL);
-        if (vimg_inflate_raw(out, CL, c, n, 12) || memcmp(in, out, CL)) {
+        long n = vimg_deflate_raw(c, 2 * CL, in, CL, 12);
+        if (n <= 0 || vimg_inflate_raw(out, CL, c, (size_t)n, 12) || memcmp(in, out, CL)) {
             bad++;
         }
     }
@@ -376,6 +436,8 @@ int main(void)
         cmocka_unit_test(test_zlib_uncompress_plain_tail_and_short),
         cmocka_unit_test(test_zlib_uncompress_matches_zlib_on_damage),
         cmocka_unit_test(test_zlib_compress_round_trip_and_nospc),
+        cmocka_unit_test(test_deflate_raw_is_qemus),
+        cmocka_unit_test(test_zlib_compress_size_and_stored),
         cmocka_unit_test(test_looks_incompressible),
         cmocka_unit_test(test_codecs_on_threads),
     };

@@ -167,8 +167,7 @@ int vmdk_stream_put(struct vimg_image *img, struct vmdk_extent *e, uint64_t r, s
 
 long vmdk_deflate(void *out, size_t out_cap, const void *buf, size_t len)
 {
-    /* qemu compresses grains at zlib's default level */
-    long r = vimg_zlib_compress(out, out_cap, buf, len, Z_DEFAULT_COMPRESSION);
+    long r = vimg_zlib_compress(out, out_cap, buf, len);
     return r < 0 && -ENOSPC != r ? -EINVAL : r;
 }
 
