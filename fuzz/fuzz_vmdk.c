@@ -1,7 +1,7 @@
 /* The vmdk driver through the core on an in-memory file: a hosted sparse
  * header (KDMV/COWD) or a text descriptor.  Read-only pass: probe, open,
  * info, block status over everything, reads of every run, check.  Then a
- * read-write pass: a plain write, a whole-grain (compressed for stream
+ * read-write pass: the append-mode writer and its commit, a plain write, a whole-grain (compressed for stream
  * images) write, zeroing, flush and close (which writes a stream trailer).
  * The in-memory file lives in a folder that does not exist, so extents a
  * descriptor names fail to open instead of touching real files. */
@@ -69,6 +69,24 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     }
     uint64_t sz = vimg_size(img);
+    if (img->drv->alloc_data && sz >= 65536) {
+        /* the append-mode writer as convert drives it, then its commit
+         * over whatever grain directories the input has */
+        static const uint64_t at[] = { 0, 4096 + 512, 1u << 20, 3u << 20 };
+        memset(buf, 0x3c, sizeof(buf));
+        for (size_t i = 0; i < sizeof(at) / sizeof(at[0]); i++) {
+            struct vimg_run run = { 0 };
+            if (at[i] >= sz || img->drv->alloc_data(img, at[i], 8192, &run, &err) < 0) {
+                vimg_error_clear(&err);
+                break;
+            }
+            if (run.host && run.length <= sizeof(buf)) {
+                vimg_file_pwrite(run.host, buf, (size_t)run.length, run.host_off);
+            }
+        }
+        vimg_flush(img, &err);
+        vimg_error_clear(&err);
+    }
     memset(buf, 0x5a, sizeof(buf));
     if (sz >= 1024) {
         vimg_pwrite(img, buf, 512, 512, &err);

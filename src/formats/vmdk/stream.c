@@ -69,13 +69,7 @@ static int vmdk_stream_emit_gt(struct vmdk_extent *e, struct vimg_error *err)
     if (ret < 0) {
         return vmdk_stream_io(err, ret, e, at);
     }
-    for (int i = 0; i < VMDK_GT_CACHE; i++) {
-        if (e->cache[i].buf && e->cache[i].off == at + VMDK_SECTOR) {
-            e->cache[i].off = 0;
-            free(e->cache[i].buf);
-            e->cache[i].buf = NULL;
-        }
-    }
+    vmdk_gt_cache_drop(e, at + VMDK_SECTOR);
     e->gd[e->st.open_gt] = (at + VMDK_SECTOR) / VMDK_SECTOR;
     e->st.append = at + bytes;
     e->st.gt_dirty = false;

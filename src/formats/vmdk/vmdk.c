@@ -85,8 +85,8 @@ void vmdk_layout(uint64_t capacity, uint64_t grain_sectors, uint32_t gtes,
     vimg_round_up(l->overhead, grain_sectors, &l->overhead);
 }
 
-static int vmdk_io_error(struct vimg_error *err, int ret, const char *what,
-                         const struct vimg_file *f, uint64_t off)
+int vmdk_io_error(struct vimg_error *err, int ret, const char *what,
+                  const struct vimg_file *f, uint64_t off)
 {
     vimg_error_set(err, -ret, "error while %s '%s' at byte %" PRIu64 ": %s", what, f->name,
                    off, strerror(-ret));
@@ -650,6 +650,7 @@ static void vmdk_close(struct vimg_image *img)
     struct vmdk_state *s = img->opaque;
     struct vimg_error err = { 0 };
 
+    vmdk_append_commit(img, &err);
     for (size_t i = 0; i < s->n; i++) {
         if (s->ext[i].st.active) {
             vmdk_stream_finish(img, &s->ext[i], &err);
@@ -767,7 +768,7 @@ static int vmdk_open(struct vimg_image *img, unsigned flags, struct vimg_error *
 
 /* ---- lookups --------------------------------------------------------------- */
 
-static struct vmdk_extent *vmdk_find(struct vmdk_state *s, uint64_t off)
+struct vmdk_extent *vmdk_find(struct vmdk_state *s, uint64_t off)
 {
     size_t lo = 0, hi = s->n;
     while (lo < hi) {
@@ -831,6 +832,17 @@ static void vmdk_gt_cache_update(struct vmdk_extent *e, uint64_t gt_off, uint32_
     for (int i = 0; i < VMDK_GT_CACHE; i++) {
         if (e->cache[i].buf && e->cache[i].off == gt_off) {
             vimg_st_le32(e->cache[i].buf + (size_t)idx * 4, val);
+        }
+    }
+}
+
+void vmdk_gt_cache_drop(struct vmdk_extent *e, uint64_t gt_off)
+{
+    for (int i = 0; i < VMDK_GT_CACHE; i++) {
+        if (e->cache[i].buf && e->cache[i].off == gt_off) {
+            e->cache[i].off = 0;
+            free(e->cache[i].buf);
+            e->cache[i].buf = NULL;
         }
     }
 }
@@ -1191,7 +1203,7 @@ static int vmdk_write_cid(struct vimg_image *img, uint32_t cid, struct vimg_erro
     return 0;
 }
 
-static int vmdk_cid_update(struct vimg_image *img, struct vimg_error *err)
+int vmdk_cid_update(struct vimg_image *img, struct vimg_error *err)
 {
     struct vmdk_state *s = img->opaque;
     int ret;
@@ -1229,7 +1241,7 @@ static int vmdk_backing_opened(struct vimg_image *img, struct vimg_error *err)
     return 0;
 }
 
-static int vmdk_check_alloc(struct vmdk_extent *e, uint64_t bytes, struct vimg_error *err)
+int vmdk_check_alloc(struct vmdk_extent *e, uint64_t bytes, struct vimg_error *err)
 {
     uint64_t end;
     if (!vimg_add_ok(e->next_alloc, bytes, &end) ||
@@ -1498,12 +1510,15 @@ static int vmdk_do_write(struct vimg_image *img, const void *buf, size_t len, ui
 {
     struct vmdk_state *s = img->opaque;
     const uint8_t *p = buf;
+    int ret = vmdk_append_commit(img, err);
 
+    if (ret < 0) {
+        return ret;
+    }
     while (len) {
         struct vmdk_extent *e = vmdk_find(s, offset);
         uint64_t r;
         size_t n;
-        int ret;
 
         if (!e) {
             vimg_error_set(err, EIO, "'%s': no extent at offset %" PRIu64, img->filename,
@@ -1594,7 +1609,8 @@ static int vmdk_write_compressed_data(struct vimg_image *img, const void *cdata,
                        img->filename, offset);
         return -EINVAL;
     }
-    if ((ret = vmdk_extent_writable(img, e, err)) < 0) {
+    if ((ret = vmdk_append_commit(img, err)) < 0 ||
+        (ret = vmdk_extent_writable(img, e, err)) < 0) {
         return ret;
     }
     r = offset - e->start;
@@ -1614,7 +1630,11 @@ static int vmdk_write_zeroes(struct vimg_image *img, uint64_t offset, uint64_t l
                              unsigned flags, struct vimg_error *err)
 {
     struct vmdk_state *s = img->opaque;
+    int ret0 = vmdk_append_commit(img, err);
 
+    if (ret0 < 0) {
+        return ret0;
+    }
     for (int pass = 0; pass < 2; pass++) {
         uint64_t off = offset, left = len;
         while (left) {
@@ -1659,8 +1679,11 @@ static int vmdk_write_zeroes(struct vimg_image *img, uint64_t offset, uint64_t l
 static int vmdk_flush(struct vimg_image *img, struct vimg_error *err)
 {
     struct vmdk_state *s = img->opaque;
-    int ret;
+    int ret = vmdk_append_commit(img, err);
 
+    if (ret < 0) {
+        return ret;
+    }
     for (size_t i = 0; i < s->n; i++) {
         struct vmdk_extent *e = &s->ext[i];
         if (e->st.active && (ret = vmdk_stream_finish(img, e, err)) < 0) {
@@ -1831,6 +1854,7 @@ const struct vimg_driver vimg_driver_vmdk = {
     .write_compressed = vmdk_write_compressed,
     .compress_cluster = vmdk_compress_cluster,
     .write_compressed_data = vmdk_write_compressed_data,
+    .alloc_data = vmdk_alloc_data,
     .allocated_size = vmdk_allocated_size,
     .backing_opened = vmdk_backing_opened,
 };

@@ -136,6 +136,20 @@ struct vmdk_extent {
     struct vmdk_stream st;
 };
 
+/* The append-mode writer (append.c): one grain table held in memory. */
+enum vmdk_append_state { VMDK_APPEND_UNKNOWN, VMDK_APPEND_ON, VMDK_APPEND_OFF };
+
+struct vmdk_append {
+    enum vmdk_append_state state;
+    struct vmdk_extent *ext;  /* extent of the held grain table, NULL none */
+    uint64_t gi;              /* its GD index */
+    uint32_t *gt;             /* host order */
+    bool gt_dirty;
+    struct vmdk_extent *fill_ext;  /* a grain the last run ended inside */
+    uint64_t fill_from;       /* host offset in fill_ext's file */
+    uint8_t *zbuf;            /* zeros, VMDK_APPEND_ZBUF bytes */
+};
+
 struct vmdk_state {
     struct vmdk_extent *ext;
     size_t n;
@@ -145,11 +159,26 @@ struct vmdk_state {
     uint64_t desc_room;       /* embedded: bytes the CID rewrite may touch */
     char create_type[128];
     size_t n_skipped;
+    struct vmdk_append app;
 };
 
 extern const struct vimg_driver vimg_driver_vmdk;
 
 /* Shared between the files of the driver. */
+struct vmdk_extent *vmdk_find(struct vmdk_state *s, uint64_t off);
+int vmdk_io_error(struct vimg_error *err, int ret, const char *what,
+                  const struct vimg_file *f, uint64_t off);
+/* -ENOSPC with err set when bytes more at next_alloc pass the GTE range. */
+int vmdk_check_alloc(struct vmdk_extent *e, uint64_t bytes, struct vimg_error *err);
+/* The first write of an open image gives it a new CID (qemu's). */
+int vmdk_cid_update(struct vimg_image *img, struct vimg_error *err);
+/* Forget the cached copy of the grain table at gt_off. */
+void vmdk_gt_cache_drop(struct vmdk_extent *e, uint64_t gt_off);
+/* The append-mode writer (driver.h): alloc_data, and the commit every
+ * other write, flush and close call first. */
+int vmdk_alloc_data(struct vimg_image *img, uint64_t offset, uint64_t len,
+                    struct vimg_run *run, struct vimg_error *err);
+int vmdk_append_commit(struct vimg_image *img, struct vimg_error *err);
 int vmdk_gt_load(struct vimg_image *img, struct vmdk_extent *e, uint64_t gt_off,
                  uint8_t **out, struct vimg_error *err);
 int vmdk_stream_write(struct vimg_image *img, struct vmdk_extent *e, const void *buf,
