@@ -10,6 +10,7 @@
 
 #include "core/image.h"
 #include "core/info.h"
+#include "fuzz_driver.h"
 
 static void fuzz_qcow2_read_all(struct vimg_image *img)
 {
@@ -56,25 +57,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         free(r.log);
         vimg_error_clear(&err);
     }
-    if (img->drv->alloc_data && vimg_size(img) >= 65536 && vimg_size(img) <= (1ull << 40)) {
-        /* the append-mode writer as convert drives it, then its commit
-         * over whatever refcount structures the input has */
-        static const uint64_t at[] = { 0, 4096 + 512, 1u << 20, 3u << 20 };
-        memset(buf, 0x3c, sizeof(buf));
-        for (size_t i = 0; i < sizeof(at) / sizeof(at[0]); i++) {
-            struct vimg_run run = { 0 };
-            if (at[i] >= vimg_size(img) ||
-                img->drv->alloc_data(img, at[i], 8192, &run, &err) < 0) {
-                vimg_error_clear(&err);
-                break;
-            }
-            if (run.host && run.length <= sizeof(buf)) {
-                vimg_file_pwrite(run.host, buf, (size_t)run.length, run.host_off);
-            }
-        }
-        vimg_flush(img, &err);
-        vimg_error_clear(&err);
-    }
+    vimg_fuzz_append(img, buf, sizeof(buf));
     if (img->drv->preallocate && vimg_size(img) <= (64u << 20)) {
         vimg_preallocate(img, VIMG_PREALLOC_METADATA, &err);
         vimg_error_clear(&err);

@@ -13,6 +13,7 @@
 
 #include "core/image.h"
 #include "core/info.h"
+#include "fuzz_driver.h"
 
 #define FUZZ_NAME "/nonexistent-vimg-fuzz/fuzz.vmdk"
 
@@ -69,24 +70,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     }
     uint64_t sz = vimg_size(img);
-    if (img->drv->alloc_data && sz >= 65536) {
-        /* the append-mode writer as convert drives it, then its commit
-         * over whatever grain directories the input has */
-        static const uint64_t at[] = { 0, 4096 + 512, 1u << 20, 3u << 20 };
-        memset(buf, 0x3c, sizeof(buf));
-        for (size_t i = 0; i < sizeof(at) / sizeof(at[0]); i++) {
-            struct vimg_run run = { 0 };
-            if (at[i] >= sz || img->drv->alloc_data(img, at[i], 8192, &run, &err) < 0) {
-                vimg_error_clear(&err);
-                break;
-            }
-            if (run.host && run.length <= sizeof(buf)) {
-                vimg_file_pwrite(run.host, buf, (size_t)run.length, run.host_off);
-            }
-        }
-        vimg_flush(img, &err);
-        vimg_error_clear(&err);
-    }
+    vimg_fuzz_append(img, buf, sizeof(buf));
     memset(buf, 0x5a, sizeof(buf));
     if (sz >= 1024) {
         vimg_pwrite(img, buf, 512, 512, &err);
