@@ -30,6 +30,19 @@
 #define QCOW_MAX_BACKING_NAME 1023
 #define QCOW_L2_CACHE 4
 
+/* The append-mode writer's state (qcow_alloc_data). */
+enum { QCOW_APPEND_UNKNOWN, QCOW_APPEND_ON, QCOW_APPEND_OFF };
+
+struct qcow_append {
+    int state;               /* UNKNOWN until the first alloc_data or write */
+    uint64_t l1_idx;         /* the L2 table being filled, UINT64_MAX: none */
+    uint64_t *tab;           /* its entries, host order */
+    uint64_t tab_host;       /* where it goes */
+    uint64_t start;          /* file size when append mode began */
+    uint64_t next;           /* end of everything handed out (qemu's file length) */
+    uint64_t l1_lo, l1_hi;   /* L1 entries set, [lo, hi) */
+};
+
 struct qcow_l2_slot {
     uint64_t off;            /* host offset of the cached table, 0 = empty */
     uint64_t *tab;           /* host-order entries */
@@ -53,6 +66,7 @@ struct qcow_state {
     uint8_t *wbuf;           /* one cluster for writes */
     bool encrypted;          /* AES: opened for info only */
     uint64_t ccache_entry;   /* its L2 entry, 0 = empty */
+    struct qcow_append app;
 };
 
 /* The header fields qemu looks at. */
@@ -168,11 +182,23 @@ static void qcow_free_state(struct qcow_state *s)
     free(s->ccache);
     free(s->wbuf);
     s->cbuf = s->ccache = s->wbuf = NULL;
+    free(s->app.tab);
+    s->app.tab = NULL;
 }
+
+static int qcow_append_commit(struct vimg_image *img, struct vimg_error *err);
 
 static void qcow_close(struct vimg_image *img)
 {
-    qcow_free_state(img->opaque);
+    struct qcow_state *s = img->opaque;
+    struct vimg_error err = { 0 };
+
+    if (QCOW_APPEND_ON == s->app.state) {
+        /* the engine flushes; this is for any other user of alloc_data */
+        qcow_append_commit(img, &err);
+        vimg_error_clear(&err);
+    }
+    qcow_free_state(s);
 }
 
 static int qcow_open(struct vimg_image *img, unsigned flags, struct vimg_error *err)
@@ -653,6 +679,246 @@ static int qcow_cluster_base(struct vimg_image *img, uint64_t cluster_start, uin
     return 0;
 }
 
+/*
+ * The append-mode writer (driver.h, alloc_data).  convert into a fresh qcow
+ * image hands data clusters out in guest order and the copy engine writes
+ * them itself, asynchronously.  The layout is qemu's (get_cluster_offset):
+ * an L2 table goes to the end of the file, rounded up to a cluster, when
+ * its span gets its first data cluster, and every new data cluster goes to
+ * the end of the file rounded up to a cluster.  qemu sizes the file and
+ * writes only the bytes it was given, so the rest of a cluster is a hole
+ * here too.  Only the table being filled lives in memory; it is written
+ * when the guest offsets move past its span, and the L1 entries, held in
+ * s->l1, once, at commit (flush or close), after the data and tables: until
+ * then the file reads as an empty image, so a crash leaves a valid one.
+ *
+ * Any other write (plain, compressed) commits first and turns the writer
+ * off; from then on the normal write path sees the committed metadata.
+ */
+static bool qcow_append_eligible(struct vimg_image *img)
+{
+    struct qcow_state *s = img->opaque;
+
+    /* copy-on-write from a backing file needs the normal path, as does
+     * anything already mapped or an L1 table that does not fit the file */
+    if (!(img->flags & VIMG_OPEN_RDWR) || img->backing_name || s->encrypted ||
+        s->l1_loaded != s->l1_entries) {
+        return false;
+    }
+    for (uint64_t i = 0; i < s->l1_loaded; i++) {
+        if (s->l1[i]) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Space for len bytes at the append point rounded up to a cluster, as
+ * qemu places both tables and data clusters.  A plain L2 entry must stay
+ * below bit 63 and keep a whole cluster readable (qemu: -E2BIG). */
+static int qcow_append_place(struct vimg_image *img, uint64_t len, uint64_t *out,
+                             struct vimg_error *err)
+{
+    struct qcow_state *s = img->opaque;
+    uint64_t off, end;
+
+    if (!vimg_round_up(s->app.next, s->cluster_size, &off) ||
+        !vimg_add_ok(off, VIMG_MAX(len, s->cluster_size), &end) || end > INT64_MAX) {
+        vimg_error_set(err, EFBIG, "'%s': the image file would grow past the largest "
+                       "offset qcow can record", img->filename);
+        return -EFBIG;
+    }
+    *out = off;
+    return 0;
+}
+
+/* The filled L2 table goes to the place reserved for it; its L1 entry
+ * waits for commit, in memory. */
+static int qcow_append_put_table(struct vimg_image *img, struct vimg_error *err)
+{
+    struct qcow_state *s = img->opaque;
+    struct qcow_append *a = &s->app;
+    int ret;
+
+    if (UINT64_MAX == a->l1_idx) {
+        return 0;
+    }
+    for (uint64_t i = 0; i < s->l2_entries; i++) {
+        vimg_st_be64(&a->tab[i], a->tab[i]);
+    }
+    ret = qcow_pwrite(img, a->tab, s->l2_bytes, a->tab_host, "could not write L2 table", err);
+    memset(a->tab, 0, s->l2_bytes);
+    if (ret < 0) {
+        return ret;
+    }
+    s->l1[a->l1_idx] = a->tab_host;
+    if (a->l1_lo == a->l1_hi) {
+        a->l1_lo = a->l1_idx;
+    }
+    a->l1_hi = a->l1_idx + 1;
+    a->l1_idx = UINT64_MAX;
+    return 0;
+}
+
+static int qcow_alloc_data(struct vimg_image *img, uint64_t offset, uint64_t len,
+                           struct vimg_run *run, struct vimg_error *err)
+{
+    struct qcow_state *s = img->opaque;
+    struct qcow_append *a = &s->app;
+    unsigned shift = s->cluster_bits + s->l2_bits;
+    uint64_t cs = s->cluster_size, l1_idx, pos, end, host0 = 0;
+    int ret;
+
+    if (QCOW_APPEND_UNKNOWN == a->state) {
+        int64_t fsize = vimg_file_size(img->file);
+        if (fsize < 0) {
+            return qcow_io_error(img, (int)fsize, "could not get the file size", err);
+        }
+        if (!qcow_append_eligible(img)) {
+            a->state = QCOW_APPEND_OFF;
+        } else {
+            a->tab = calloc(s->l2_entries, sizeof(uint64_t));
+            if (!a->tab) {
+                vimg_error_set(err, ENOMEM, "out of memory");
+                return -ENOMEM;
+            }
+            a->start = a->next = (uint64_t)fsize;
+            a->l1_idx = UINT64_MAX;
+            a->l1_lo = a->l1_hi = 0;
+            a->state = QCOW_APPEND_ON;
+        }
+    }
+    if (QCOW_APPEND_ON != a->state) {
+        /* the engine falls back to plain writes; no message */
+        return -ENOTSUP;
+    }
+    if (!len || offset >= img->size) {
+        vimg_error_set(err, EINVAL, "'%s': no data to place at offset %" PRIu64,
+                       img->filename, offset);
+        return -EINVAL;
+    }
+    l1_idx = offset >> shift;
+    if (l1_idx >= s->l1_entries) {
+        vimg_error_set(err, EIO, "'%s': offset %" PRIu64 " lies beyond the L1 table",
+                       img->filename, offset);
+        return -EIO;
+    }
+    if (l1_idx != a->l1_idx) {
+        uint64_t tab_host;
+
+        if (UINT64_MAX != a->l1_idx && l1_idx < a->l1_idx) {
+            vimg_error_set(err, EINVAL, "'%s': append-mode writes must come in guest "
+                           "order", img->filename);
+            return -EINVAL;
+        }
+        ret = qcow_append_put_table(img, err);
+        if (ret < 0) {
+            return ret;
+        }
+        /* a span gets its table just before its first data cluster */
+        ret = qcow_append_place(img, s->l2_bytes, &tab_host, err);
+        if (ret < 0) {
+            return ret;
+        }
+        a->l1_idx = l1_idx;
+        a->tab_host = tab_host;
+        a->next = tab_host + s->l2_bytes;
+    }
+    /* one contiguous host run, within this L2 table's span */
+    end = VIMG_MIN(offset + len, (l1_idx + 1) << shift);
+    end = VIMG_MIN(end, vimg_div_round_up(img->size, cs) * cs);
+    for (pos = offset; pos < end;) {
+        uint64_t l2i = (pos >> s->cluster_bits) & (s->l2_entries - 1);
+        uint64_t in = pos & (cs - 1);
+        uint64_t host = a->tab[l2i];
+
+        if (!host) {
+            ret = qcow_append_place(img, cs, &host, err);
+            if (ret < 0 && host0) {
+                /* hand out what is placed; the next call reports it */
+                vimg_error_clear(err);
+                break;
+            }
+            if (ret < 0) {
+                return ret;
+            }
+            if (host0 && host + in != host0 + (pos - offset)) {
+                break;
+            }
+            a->next = host + cs;
+            a->tab[l2i] = host;
+        }
+        if (!host0) {
+            host0 = host + in;
+        } else if (host + in != host0 + (pos - offset)) {
+            break;
+        }
+        pos += VIMG_MIN(cs - in, end - pos);
+    }
+    run->flags = VIMG_RUN_HOST_VALID;
+    run->host = img->file;
+    run->host_off = host0;
+    run->length = pos - offset;
+    return 0;
+}
+
+static int qcow_append_commit(struct vimg_image *img, struct vimg_error *err)
+{
+    struct qcow_state *s = img->opaque;
+    struct qcow_append *a = &s->app;
+    uint64_t buf[512];
+    int64_t fsize;
+    int ret;
+
+    if (QCOW_APPEND_ON != a->state) {
+        a->state = QCOW_APPEND_OFF;
+        return 0;
+    }
+    a->state = QCOW_APPEND_OFF;
+    ret = qcow_append_put_table(img, err);
+    free(a->tab);
+    a->tab = NULL;
+    if (ret < 0 || a->next == a->start) {
+        return ret;
+    }
+    /* the host file covers every cluster handed out, as qemu's truncate
+     * to the end of each new cluster leaves it */
+    fsize = vimg_file_size(img->file);
+    if (fsize < 0) {
+        return qcow_io_error(img, (int)fsize, "could not get the file size", err);
+    }
+    if ((uint64_t)fsize < a->next) {
+        ret = img->file->ops->truncate(img->file, a->next);
+        if (ret < 0) {
+            return qcow_io_error(img, ret, "could not grow the file", err);
+        }
+        fsize = (int64_t)a->next;
+    }
+    qcow_grew(s, (uint64_t)fsize);
+    /* no cached table may stand for space this writer filled */
+    for (int i = 0; i < QCOW_L2_CACHE; i++) {
+        s->l2[i].off = 0;
+    }
+    /* data and tables before the L1 entries that reference them */
+    ret = vimg_file_sync(img->file);
+    if (ret < 0) {
+        return qcow_io_error(img, ret, "could not flush", err);
+    }
+    for (uint64_t i = a->l1_lo; i < a->l1_hi;) {
+        uint64_t n = VIMG_MIN(a->l1_hi - i, VIMG_ARRAY_SIZE(buf));
+        for (uint64_t k = 0; k < n; k++) {
+            vimg_st_be64(&buf[k], s->l1[i + k]);
+        }
+        ret = qcow_pwrite(img, buf, n * sizeof(uint64_t), s->l1_offset + i * sizeof(uint64_t),
+                          "could not update L1 table", err);
+        if (ret < 0) {
+            return ret;
+        }
+        i += n;
+    }
+    return 0;
+}
+
 static int qcow_write(struct vimg_image *img, const void *buf, size_t len, uint64_t offset,
                       struct vimg_error *err)
 {
@@ -660,6 +926,11 @@ static int qcow_write(struct vimg_image *img, const void *buf, size_t len, uint6
     const uint8_t *p = buf;
     int ret;
 
+    /* a write outside the append-mode writer: its metadata first */
+    ret = qcow_append_commit(img, err);
+    if (ret < 0) {
+        return ret;
+    }
     while (len) {
         uint64_t in_cluster = offset & (s->cluster_size - 1);
         uint64_t cluster_start = offset - in_cluster;
@@ -769,6 +1040,11 @@ static int qcow_write_compressed_data(struct vimg_image *img, const void *cdata,
     uint64_t l2_off, idx, coff, *tab;
     int ret;
 
+    ret = qcow_append_commit(img, err);
+    if (ret < 0) {
+        return ret;
+    }
+
     if ((offset & (s->cluster_size - 1)) || !clen || clen >= s->cluster_size ||
         len > s->cluster_size || (len != s->cluster_size && offset + len != img->size)) {
         vimg_error_set(err, EINVAL, "'%s': compressed writes must cover one whole cluster",
@@ -817,6 +1093,10 @@ static int qcow_write_compressed(struct vimg_image *img, const void *buf, size_t
     if (0 == len) {
         return 0;
     }
+    ret = qcow_append_commit(img, err);
+    if (ret < 0) {
+        return ret;
+    }
     ret = qcow_lookup(img, offset, &entry, err);
     if (ret < 0) {
         return ret;
@@ -835,7 +1115,11 @@ static int qcow_write_compressed(struct vimg_image *img, const void *buf, size_t
 
 static int qcow_flush(struct vimg_image *img, struct vimg_error *err)
 {
-    int ret = vimg_file_sync(img->file);
+    int ret = qcow_append_commit(img, err);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = vimg_file_sync(img->file);
     if (ret < 0) {
         vimg_error_set(err, -ret, "Could not flush '%s': %s", img->filename, strerror(-ret));
     }
@@ -1013,6 +1297,7 @@ const struct vimg_driver vimg_driver_qcow = {
     .create = qcow_create,
     .block_status = qcow_block_status,
     .read_special = qcow_read_special,
+    .alloc_data = qcow_alloc_data,
     .write = qcow_write,
     .flush = qcow_flush,
     .has_zero_init = qcow_has_zero_init,
