@@ -12,6 +12,7 @@
 #include "core/image.h"
 #include "io/aio.h"
 #include "io/file.h"
+#include "io/fmap.h"
 #include "util/util.h"
 
 #define SECTOR 512
@@ -130,6 +131,9 @@ struct copy_job;
 
 struct slot {
     uint8_t *buf;
+    uint8_t *data;              /* the item's bytes: buf, or in a mapping */
+    const struct vimg_fmap *map;  /* data lies in this mapping, or NULL */
+    uint64_t map_len;           /* bytes of it */
     unsigned refs;              /* the item's reference + writes in flight */
     struct vimg_aio_req req;    /* the read */
     struct copy_job *job;
@@ -204,6 +208,9 @@ struct copy_job {
     struct rpool *readers;
     struct direct_fd direct[NDIRECT];
     unsigned ndirect;
+    struct vimg_fmap maps[NDIRECT];   /* source host files mapped for reading */
+    unsigned nmaps;
+    bool no_map;
 
     uint64_t allocated_total, allocated_done;
 };
@@ -411,6 +418,12 @@ static int job_pick_fd(struct copy_job *j, struct vimg_file *f, bool write, uint
 static void slot_put(struct copy_job *j, struct slot *s)
 {
     if (0 == --s->refs) {
+        if (s->map) {
+            /* resident memory stays bounded; the page cache keeps it */
+            vimg_fmap_release(s->map, (uint64_t)(s->data - s->map->base), s->map_len);
+            s->map = NULL;
+        }
+        s->data = s->buf;
         s->item = NULL;
         j->free_slots[j->nfree_slots++] = s;
     }
@@ -421,7 +434,12 @@ static void wreq_done(struct vimg_aio_req *req, int result)
     struct wreq *w = req->opaque;
     struct copy_job *j = w->job;
 
-    if (result < 0) {
+    if (-EFAULT == result && w->slot && w->slot->map) {
+        /* the kernel met a page of the mapped source past its new end */
+        vimg_error_set(j->err, EIO, "error while writing at byte %" PRIu64 ": '%s' shrank "
+                       "while it was being read", req->off, w->slot->map->file->name);
+        job_fail(j, -EIO);
+    } else if (result < 0) {
         job_io_error(j, result, VIMG_AIO_ZERO == req->op ? "writing zeroes" : "writing",
                      req->off);
     } else if (j->early_writeback && VIMG_AIO_WRITE == req->op) {
@@ -793,6 +811,47 @@ static bool rpool_item_done(struct copy_job *j, struct item *it, bool wait)
     return done;
 }
 
+/*
+ * Plain data already in the page cache is not read into the slot's buffer:
+ * the slot points into a read-only mapping of the host file, and the zero
+ * check and the writes take it from there (one copy fewer per byte).  Data
+ * not in the cache is read asynchronously as before, so a cold source
+ * still has its reads in flight together.
+ */
+static bool job_map_data(struct copy_job *j, struct item *it, struct slot *s)
+{
+    struct vimg_fmap *m = NULL;
+
+    if (j->no_map || j->o->src_direct) {
+        return false;
+    }
+    for (unsigned i = 0; i < j->nmaps; i++) {
+        if (j->maps[i].file == it->host) {
+            m = &j->maps[i];
+            break;
+        }
+    }
+    if (!m) {
+        if (j->nmaps == NDIRECT) {
+            return false;
+        }
+        m = &j->maps[j->nmaps];
+        if (vimg_fmap_open(m, it->host) < 0) {
+            /* -EBUSY: the program handles SIGBUS itself; stop trying */
+            j->no_map = j->no_map || 0 == j->nmaps;
+            return false;
+        }
+        j->nmaps++;
+    }
+    if (!vimg_fmap_resident(m, it->host_off, it->len)) {
+        return false;
+    }
+    s->data = (uint8_t *)m->base + it->host_off;
+    s->map = m;
+    s->map_len = it->len;
+    return true;
+}
+
 /* Start an item: take its buffer and queue its read. */
 static int job_start(struct copy_job *j, struct item *it)
 {
@@ -807,6 +866,11 @@ static int job_start(struct copy_job *j, struct item *it)
         return rpool_submit(j, it);
     }
     if (ITEM_READ_AIO != it->kind) {
+        return 0;
+    }
+    if (job_map_data(j, it, s)) {
+        it->read_done = true;
+        it->read_ret = 0;
         return 0;
     }
     memset(&s->req, 0, sizeof(s->req));
@@ -896,7 +960,12 @@ static int job_finish_head(struct copy_job *j, bool *busy)
             ret = job_io_error(j, it->read_ret, "reading", it->src_off);
             break;
         }
-        ret = job_write_data(j, s->buf, it->len, it->dst_off, s);
+        ret = job_write_data(j, s->data, it->len, it->dst_off, s);
+        if (s->map && vimg_fmap_faulted()) {
+            vimg_error_set(j->err, EIO, "error while reading at byte %" PRIu64 ": '%s' "
+                           "shrank while it was being read", it->src_off, it->host->name);
+            ret = job_fail(j, -EIO);
+        }
         break;
     case ITEM_READ_WORKER:
         if (!rpool_item_done(j, it, false)) {
@@ -996,6 +1065,10 @@ static int job_setup(struct copy_job *j)
         long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
         j->nreaders = o->threads ? o->threads : (ncpu > 0 ? (unsigned)VIMG_MIN(ncpu, 16) : 1);
     }
+    /* VIMG_COPY_NO_MAP: read plain data into buffers even when it is
+     * cached (for benchmarking) */
+    j->no_map = NULL != getenv("VIMG_COPY_NO_MAP");
+    vimg_fmap_clear();
     j->early_writeback = !o->no_flush && !o->dst_direct && !getenv("VIMG_COPY_NO_WRITEBACK");
     j->use_copy_range = DST_RAW_AIO == j->mode && !o->dst_direct && !o->src_direct &&
                         (o->copy_range || 0 == o->sparse_size);
@@ -1014,6 +1087,7 @@ static int job_setup(struct copy_job *j)
             goto nomem;
         }
         j->slots[i].buf = p;
+        j->slots[i].data = p;
         j->slots[i].job = j;
         j->free_slots[j->nfree_slots++] = &j->slots[i];
     }
@@ -1070,6 +1144,9 @@ static void job_cleanup(struct copy_job *j)
     }
     for (unsigned i = 0; j->slots && i < j->depth; i++) {
         free(j->slots[i].buf);
+    }
+    for (unsigned i = 0; i < j->nmaps; i++) {
+        vimg_fmap_close(&j->maps[i]);
     }
     for (unsigned i = 0; i < j->ndirect; i++) {
         if (j->direct[i].fd >= 0) {

@@ -28,6 +28,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -38,6 +39,7 @@
 #include <cmocka.h>
 
 #include "core/copy.h"
+#include "io/fmap.h"
 #include "core/image.h"
 #include "io/aio.h"
 #include "io/file.h"
@@ -861,6 +863,162 @@ static void test_backends_same_qcow2(void **state)
     unsetenv("VIMG_AIO");
 }
 
+/* ASan handles SIGBUS itself unless told not to; then vimg's guard (and
+ * the mapped path it protects) would be refused here. */
+const char *__asan_default_options(void);
+const char *__asan_default_options(void)
+{
+    return "handle_sigbus=0";
+}
+
+/* cmocka catches SIGBUS around each test, which makes vimg refuse its
+ * mappings: these tests give the signal its default action back. */
+static struct sigaction cmocka_bus;
+
+static void bus_default(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = SIG_DFL;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &cmocka_bus);
+}
+
+static void bus_restore(void)
+{
+    sigaction(SIGBUS, &cmocka_bus, NULL);
+}
+
+/* Whether this process can map files (no foreign SIGBUS handler). */
+static bool can_map(const char *path)
+{
+    struct vimg_file *f;
+    struct vimg_fmap m;
+    bool ok;
+
+    assert_int_equal(0, vimg_file_open_posix(&f, path, 0));
+    ok = 0 == vimg_fmap_open(&m, f);
+    vimg_fmap_close(&m);
+    vimg_file_close(f);
+    return ok;
+}
+
+/* The mapping's guard: a page past the new end of a truncated file reads
+ * as zeros and is reported, instead of killing the process. */
+static void test_fmap_guard(void **state)
+{
+    char path[PATH_MAX];
+    struct vimg_file *f;
+    struct vimg_fmap m;
+    uint8_t buf[65536];
+    int fd;
+
+    bus_default();
+    snprintf(path, sizeof(path), "%s/fmap.img", tmpdir);
+    memset(buf, 0x42, sizeof(buf));
+    fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    assert_true(fd >= 0);
+    assert_int_equal(sizeof(buf), pwrite(fd, buf, sizeof(buf), 0));
+    assert_int_equal(0, vimg_file_open_posix(&f, path, 0));
+    if (vimg_fmap_open(&m, f) < 0) {
+        print_message("mappings refused here (a SIGBUS handler): not tested\n");
+        vimg_file_close(f);
+        close(fd);
+        bus_restore();
+        return;
+    }
+    vimg_fmap_clear();
+    assert_true(vimg_fmap_resident(&m, 0, sizeof(buf)));
+    assert_false(vimg_fmap_resident(&m, 4096, sizeof(buf)));   /* past the end */
+    assert_int_equal(0x42, ((volatile const uint8_t *)m.base)[8192]);
+    assert_false(vimg_fmap_faulted());
+    assert_int_equal(0, ftruncate(fd, 4096));
+    assert_int_equal(0x42, ((volatile const uint8_t *)m.base)[100]);
+    assert_int_equal(0, ((volatile const uint8_t *)m.base)[8192]);
+    assert_true(vimg_fmap_faulted());
+    vimg_fmap_release(&m, 0, m.len);
+    vimg_fmap_close(&m);
+    vimg_fmap_clear();
+    vimg_file_close(f);
+    close(fd);
+    bus_restore();
+}
+
+/* Cached source data taken from a mapping gives what reading it does. */
+static void test_mapped_source_same_result(void **state)
+{
+    char src[PATH_MAX], a[PATH_MAX], b[PATH_MAX], ma[4096], mb[4096];
+    struct vimg_copy_opts o = { .sparse_size = 4096, .target_has_zero_init = true,
+                                .fresh_target = true, .queue_depth = 4,
+                                .buf_size = 1 * MiB };
+    bus_default();
+    snprintf(src, sizeof(src), "%s/src-map.img", tmpdir);
+    snprintf(a, sizeof(a), "%s/dst-map.img", tmpdir);
+    snprintf(b, sizeof(b), "%s/dst-nomap.img", tmpdir);
+    make_source(src);
+    posix_copy(src, a, &o);
+    setenv("VIMG_COPY_NO_MAP", "1", 1);
+    posix_copy(src, b, &o);
+    unsetenv("VIMG_COPY_NO_MAP");
+    assert_same_content(src, a);
+    assert_same_content(src, b);
+    data_map(a, ma, sizeof(ma));
+    data_map(b, mb, sizeof(mb));
+    assert_string_equal(ma, mb);
+    bus_restore();
+}
+
+/* A source truncated by someone else while it is copied: an error naming
+ * it, no crash. */
+static const char *shrink_path;
+
+static void shrink_progress(void *opaque, float pct)
+{
+    int *done = opaque;
+    if (pct > 0 && !*done) {
+        *done = 1;
+        assert_int_equal(0, truncate(shrink_path, 2 * MiB));
+    }
+}
+
+static void test_mapped_source_shrinks(void **state)
+{
+    char src[PATH_MAX], dst[PATH_MAX];
+    int done = 0;
+    struct vimg_copy_opts o = { .sparse_size = 4096, .target_has_zero_init = true,
+                                .fresh_target = true, .queue_depth = 4,
+                                .buf_size = 1 * MiB, .progress = shrink_progress,
+                                .progress_opaque = &done };
+    struct vimg_error err = { 0 };
+    struct vimg_opts *opts = vimg_opts_new();
+    struct vimg_image *s, *d;
+
+    snprintf(src, sizeof(src), "%s/src-shrink.img", tmpdir);
+    snprintf(dst, sizeof(dst), "%s/dst-shrink.img", tmpdir);
+    make_source(src);
+    bus_default();
+    if (!can_map(src)) {
+        print_message("mappings refused here (a SIGBUS handler): not tested\n");
+        bus_restore();
+        return;
+    }
+    shrink_path = src;
+    unlink(dst);
+    vimg_opts_set(opts, "size", "25167360");   /* POSIX_SIZE */
+    assert_int_equal(0, vimg_create(dst, "raw", opts, &err));
+    vimg_opts_free(opts);
+    assert_int_equal(0, vimg_open(&s, src, "raw", 0, NULL, &err));
+    assert_int_equal(0, vimg_open(&d, dst, "raw", VIMG_OPEN_RDWR, NULL, &err));
+    struct vimg_image *srcs[] = { s };
+    int got = vimg_copy(srcs, 1, d, &o, &err);
+    assert_int_equal(-EIO, got);
+    assert_non_null(strstr(err.msg, "shrank while it was being read"));
+    assert_true(done);
+    vimg_close(s);
+    vimg_close(d);
+    bus_restore();
+}
+
 static void test_direct_io(void **state)
 {
     char src[PATH_MAX], dst[PATH_MAX];
@@ -998,6 +1156,9 @@ int main(void)
         cmocka_unit_test(test_append_writer_trace),
         cmocka_unit_test(test_backends_same_result),
         cmocka_unit_test(test_backends_same_qcow2),
+        cmocka_unit_test(test_fmap_guard),
+        cmocka_unit_test(test_mapped_source_same_result),
+        cmocka_unit_test(test_mapped_source_shrinks),
         cmocka_unit_test(test_direct_io),
         cmocka_unit_test(test_copy_range_and_sparse_0),
         cmocka_unit_test(test_1tib_sparse_bounded_memory),
