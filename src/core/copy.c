@@ -179,6 +179,10 @@ struct copy_job {
     int cw_idx;                 /* the compressed walk's last status run */
     uint64_t cw_off, cw_end;
     unsigned cw_flags;
+    struct vimg_file *cw_host;  /* its plain data's host file, or NULL */
+    uint64_t cw_host_off;
+    const struct vimg_fmap *res_map;  /* a range of it known to be cached */
+    uint64_t res_off, res_end;
 
     uint64_t buf_size;
     unsigned depth;
@@ -818,32 +822,52 @@ static bool rpool_item_done(struct copy_job *j, struct item *it, bool wait)
  * not in the cache is read asynchronously as before, so a cold source
  * still has its reads in flight together.
  */
-static bool job_map_data(struct copy_job *j, struct item *it, struct slot *s)
+static struct vimg_fmap *job_map_range(struct copy_job *j, struct vimg_file *host,
+                                       uint64_t off, uint64_t len)
 {
     struct vimg_fmap *m = NULL;
 
-    if (j->no_map || j->o->src_direct) {
-        return false;
+    if (j->no_map || j->o->src_direct || !host) {
+        return NULL;
     }
     for (unsigned i = 0; i < j->nmaps; i++) {
-        if (j->maps[i].file == it->host) {
+        if (j->maps[i].file == host) {
             m = &j->maps[i];
             break;
         }
     }
     if (!m) {
         if (j->nmaps == NDIRECT) {
-            return false;
+            return NULL;
         }
         m = &j->maps[j->nmaps];
-        if (vimg_fmap_open(m, it->host) < 0) {
+        if (vimg_fmap_open(m, host) < 0) {
             /* -EBUSY: the program handles SIGBUS itself; stop trying */
             j->no_map = j->no_map || 0 == j->nmaps;
-            return false;
+            return NULL;
         }
         j->nmaps++;
     }
-    if (!vimg_fmap_resident(m, it->host_off, it->len)) {
+    if (m == j->res_map && off >= j->res_off && off + len <= j->res_end) {
+        return m;
+    }
+    /* one mincore for the next 2 MiB, so cluster-sized requests (the
+     * compressed walk) do not each ask */
+    uint64_t ahead = VIMG_MIN(VIMG_MAX(len, (uint64_t)DEFAULT_BUF), m->len - VIMG_MIN(off, m->len));
+    if (ahead > len && vimg_fmap_resident(m, off, ahead)) {
+        j->res_map = m;
+        j->res_off = off;
+        j->res_end = off + ahead;
+        return m;
+    }
+    return vimg_fmap_resident(m, off, len) ? m : NULL;
+}
+
+static bool job_map_data(struct copy_job *j, struct item *it, struct slot *s)
+{
+    struct vimg_fmap *m = job_map_range(j, it->host, it->host_off, it->len);
+
+    if (!m) {
         return false;
     }
     s->data = (uint8_t *)m->base + it->host_off;
@@ -1222,6 +1246,8 @@ struct cpool {
     uint64_t taken;             /* sequence number of the next slot to compress */
     uint64_t filled;            /* sequence number of the next slot to fill */
     uint64_t *lens;             /* per slot: bytes to compress, 0 none */
+    const uint8_t **inp;        /* per slot: its bytes, in `in` or a mapping */
+    const struct vimg_fmap **inmap;  /* per slot: that mapping, or NULL */
 };
 
 /* Compress the slot of sequence number seq; called without the lock. */
@@ -1229,7 +1255,7 @@ static long cpool_compress(struct cpool *p, uint64_t seq)
 {
     struct vimg_image *dst = p->job->dst;
     uint64_t i = seq % p->nslots;
-    const uint8_t *in = p->in + i * p->cluster;
+    const uint8_t *in = p->inp[i];
     size_t clen = (size_t)p->lens[i];
     struct vimg_error e = { 0 };
     long r;
@@ -1293,6 +1319,8 @@ struct citem {
     enum item_kind kind;        /* ITEM_READ_SYNC (data), ITEM_ZERO, ITEM_SKIP */
     uint64_t off, len;
     bool counts;
+    struct vimg_file *host;     /* data: plain in this file, or NULL */
+    uint64_t host_off;
 };
 
 static void cwalk_advance(struct copy_job *j, uint64_t n)
@@ -1331,6 +1359,8 @@ static int cwalk_next(struct copy_job *j, uint64_t total, uint64_t cluster,
          * handed out a cluster at a time, one query for all of them */
         f = j->cw_flags;
         len = j->cw_end - j->w_off;
+        host = j->cw_host;
+        host_off = j->cw_host_off + (j->w_off - j->cw_off);
     } else {
         int ret = job_status(j, src, j->w_off, size - j->w_off, &f, &len, &host, &host_off);
         if (ret < 0) {
@@ -1340,6 +1370,8 @@ static int cwalk_next(struct copy_job *j, uint64_t total, uint64_t cluster,
         j->cw_off = j->w_off;
         j->cw_end = j->w_off + len;
         j->cw_flags = f;
+        j->cw_host = host;
+        j->cw_host_off = host_off;
     }
     memset(it, 0, sizeof(*it));
     it->off = j->w_dst_base + j->w_off;
@@ -1359,6 +1391,8 @@ static int cwalk_next(struct copy_job *j, uint64_t total, uint64_t cluster,
             it->kind = ITEM_READ_SYNC;
             it->len = cluster;
             it->counts = true;
+            it->host = host;
+            it->host_off = host_off;
         }
     }
     cwalk_advance(j, it->len);
@@ -1372,7 +1406,7 @@ static void cring_write(struct copy_job *j, struct cpool *p, const struct citem 
                         uint64_t i, bool parallel)
 {
     struct vimg_image *dst = j->dst;
-    const uint8_t *buf = p->in + i * p->cluster;
+    const uint8_t *buf = p->inp[i];
     long res = p->slots[i].res;
     int ret = 0;
 
@@ -1402,6 +1436,11 @@ static void cring_write(struct copy_job *j, struct cpool *p, const struct citem 
         ret = dst->drv->write_compressed_data(dst, p->out + i * p->out_stride, (size_t)res,
                                               (size_t)it->len, it->off, j->err);
     }
+    if (ret >= 0 && p->inmap[i] && vimg_fmap_faulted()) {
+        vimg_error_set(j->err, EIO, "error while reading at byte %" PRIu64 ": '%s' shrank "
+                       "while it was being read", it->off, p->inmap[i]->file->name);
+        ret = -EIO;
+    }
     if (ret < 0) {
         job_fail(j, ret);
     } else if (it->counts) {
@@ -1409,8 +1448,33 @@ static void cring_write(struct copy_job *j, struct cpool *p, const struct citem 
     }
 }
 
+/* Clusters written from a mapping are released in runs of up to 2 MiB
+ * (one madvise each); a NULL mapping releases what is pending. */
+struct crel {
+    const struct vimg_fmap *m;
+    uint64_t off, len;
+};
+
+static void crel_add(struct crel *r, const struct vimg_fmap *m, uint64_t off, uint64_t len)
+{
+    if (r->m && (m != r->m || off != r->off + r->len || r->len >= DEFAULT_BUF)) {
+        vimg_fmap_release(r->m, r->off, r->len);
+        r->m = NULL;
+    }
+    if (!m) {
+        return;
+    }
+    if (!r->m) {
+        r->m = m;
+        r->off = off;
+        r->len = 0;
+    }
+    r->len += len;
+}
+
 static int job_compressed_run(struct copy_job *j, uint64_t total, uint64_t cluster)
 {
+    struct crel rel = { 0 };
     struct vimg_image *dst = j->dst;
     bool parallel = dst->drv->compress_cluster && dst->drv->write_compressed_data;
     struct cpool p = {
@@ -1439,8 +1503,11 @@ static int job_compressed_run(struct copy_job *j, uint64_t total, uint64_t clust
     p.out = parallel ? malloc((size_t)(p.nslots * p.out_stride)) : NULL;
     p.slots = calloc((size_t)p.nslots, sizeof(*p.slots));
     p.lens = calloc((size_t)p.nslots, sizeof(*p.lens));
+    p.inp = calloc((size_t)p.nslots, sizeof(*p.inp));
+    p.inmap = calloc((size_t)p.nslots, sizeof(*p.inmap));
     items = calloc((size_t)p.nslots, sizeof(*items));
-    if (!p.in || (parallel && !p.out) || !p.slots || !p.lens || !items) {
+    if (!p.in || (parallel && !p.out) || !p.slots || !p.lens || !p.inp || !p.inmap ||
+        !items) {
         vimg_error_set(j->err, ENOMEM, "out of memory");
         job_fail(j, -ENOMEM);
         goto out;
@@ -1483,6 +1550,10 @@ static int job_compressed_run(struct copy_job *j, uint64_t total, uint64_t clust
         pthread_mutex_unlock(&p.lock);
         if (head_done) {
             cring_write(j, &p, &items[i], i, parallel);
+            if (p.inmap[i]) {
+                crel_add(&rel, p.inmap[i], items[i].host_off, items[i].len);
+                p.inmap[i] = NULL;
+            }
             p.slots[i].state = CS_FREE;
             head++;
             continue;
@@ -1494,8 +1565,14 @@ static int job_compressed_run(struct copy_job *j, uint64_t total, uint64_t clust
                 continue;
             }
             p.lens[k] = 0;
+            p.inp[k] = p.in + k * cluster;
             if (ITEM_READ_SYNC == it->kind) {
-                if (job_read_concat(j, p.in + k * cluster, it->len, it->off) < 0) {
+                /* cached plain data is compressed from the page cache */
+                const struct vimg_fmap *m = job_map_range(j, it->host, it->host_off, it->len);
+                if (m) {
+                    p.inp[k] = m->base + it->host_off;
+                    p.inmap[k] = m;
+                } else if (job_read_concat(j, p.in + k * cluster, it->len, it->off) < 0) {
                     break;
                 }
                 if (parallel) {
@@ -1532,11 +1609,14 @@ static int job_compressed_run(struct copy_job *j, uint64_t total, uint64_t clust
     pthread_mutex_destroy(&p.lock);
     pthread_cond_destroy(&p.work);
     pthread_cond_destroy(&p.done);
+    crel_add(&rel, NULL, 0, 0);
 out:
     free(p.in);
     free(p.out);
     free(p.slots);
     free(p.lens);
+    free(p.inp);
+    free(p.inmap);
     free(items);
     free(p.threads);
     return j->ret;

@@ -965,6 +965,39 @@ static void test_mapped_source_same_result(void **state)
     data_map(a, ma, sizeof(ma));
     data_map(b, mb, sizeof(mb));
     assert_string_equal(ma, mb);
+
+    /* -c into qcow2: clusters compressed straight from the cache */
+    char cmd[3 * PATH_MAX];
+    for (int nomap = 0; nomap < 2; nomap++) {
+        struct vimg_copy_opts oc = { .sparse_size = 4096, .target_has_zero_init = true,
+                                     .fresh_target = true, .compress = true };
+        struct vimg_error err = { 0 };
+        struct vimg_opts *opts = vimg_opts_new();
+        struct vimg_image *sim, *dim;
+        const char *d = nomap ? b : a;
+
+        if (nomap) {
+            setenv("VIMG_COPY_NO_MAP", "1", 1);
+        }
+        unlink(d);
+        vimg_opts_set(opts, "size", "25167360");   /* POSIX_SIZE */
+        assert_int_equal(0, vimg_create(d, "qcow2", opts, &err));
+        vimg_opts_free(opts);
+        assert_int_equal(0, vimg_open(&sim, src, "raw", 0, NULL, &err));
+        assert_int_equal(0, vimg_open(&dim, d, "qcow2", VIMG_OPEN_RDWR, NULL, &err));
+        struct vimg_image *srcs[] = { sim };
+        if (vimg_copy(srcs, 1, dim, &oc, &err) < 0) {
+            fail_msg("vimg_copy -c: %s", err.msg);
+        }
+        vimg_close(sim);
+        vimg_close(dim);
+        unsetenv("VIMG_COPY_NO_MAP");
+    }
+    snprintf(cmd, sizeof(cmd), "cmp -s '%s' '%s'", a, b);
+    assert_int_equal(0, system(cmd));
+    snprintf(cmd, sizeof(cmd), "! command -v qemu-img >/dev/null || "
+             "qemu-img compare -q -f raw -F qcow2 '%s' '%s'", src, a);
+    assert_int_equal(0, system(cmd));
     bus_restore();
 }
 
