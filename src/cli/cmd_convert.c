@@ -381,13 +381,13 @@ int cli_load_snapshot(struct vimg_image **srcs, int nsrc, const char *arg)
             vimg_error_set(&err, EINVAL, "snapshot_id and name are both NULL");
             ret = -EINVAL;
         } else {
-            ret = src->drv->snapshot_load_tmp(src, id, name, &err);
+            ret = vimg_internal_snapshot_load_tmp(src, id, name, &err);
         }
     } else {
-        ret = src->drv->snapshot_load_tmp(src, arg, NULL, &err);
+        ret = vimg_internal_snapshot_load_tmp(src, arg, NULL, &err);
         if (-ENOENT == ret || -EINVAL == ret) {
             vimg_error_clear(&err);
-            ret = src->drv->snapshot_load_tmp(src, NULL, arg, &err);
+            ret = vimg_internal_snapshot_load_tmp(src, NULL, arg, &err);
         }
     }
     free(id);

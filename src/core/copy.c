@@ -714,6 +714,11 @@ static void *rpool_worker(void *opaque)
                              VIMG_OPEN_FORCE_SHARE;
             ret = vimg_open(&inst[it->src_idx], src->filename, src->drv->name, flags, NULL,
                             &it->rerr);
+            if (0 == ret && (src->tmp_snapshot_id || src->tmp_snapshot_name)) {
+                /* convert -l: this instance shows the same snapshot */
+                ret = vimg_internal_snapshot_load_tmp(inst[it->src_idx], src->tmp_snapshot_id,
+                                                      src->tmp_snapshot_name, &it->rerr);
+            }
             if (0 == ret && vimg_size(inst[it->src_idx]) != vimg_size(src)) {
                 vimg_error_set(&it->rerr, EIO, "'%s' changed during the copy", src->filename);
                 ret = -EIO;

@@ -72,7 +72,34 @@ static void image_free(struct vimg_image *img)
     free(img->backing_name);
     free(img->backing_fmt);
     free(img->full_backing_name);
+    free(img->tmp_snapshot_id);
+    free(img->tmp_snapshot_name);
     free(img);
+}
+
+int vimg_internal_snapshot_load_tmp(struct vimg_image *img, const char *id, const char *name,
+                                    struct vimg_error *err)
+{
+    int ret;
+
+    if (!img->drv->snapshot_load_tmp) {
+        vimg_error_set(err, ENOTSUP, "Block format '%s' used by device '' does not support "
+                       "temporarily loading internal snapshots", img->drv->name);
+        return -ENOTSUP;
+    }
+    ret = img->drv->snapshot_load_tmp(img, id, name, err);
+    if (ret < 0) {
+        return ret;
+    }
+    free(img->tmp_snapshot_id);
+    free(img->tmp_snapshot_name);
+    img->tmp_snapshot_id = id ? strdup(id) : NULL;
+    img->tmp_snapshot_name = name ? strdup(name) : NULL;
+    if ((id && !img->tmp_snapshot_id) || (name && !img->tmp_snapshot_name)) {
+        vimg_error_set(err, ENOMEM, "out of memory");
+        return -ENOMEM;
+    }
+    return 0;
 }
 
 void vimg_close(struct vimg_image *img)

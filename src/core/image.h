@@ -28,7 +28,15 @@ struct vimg_image {
      * image fail with this errno, as qemu's vmdk fails them when the
      * parent's CID is not the child's parentCID.  Status queries work. */
     int backing_read_err;
+    /* The internal snapshot vimg_internal_snapshot_load_tmp made this open
+     * image show (id and/or name as asked), so another open of the same
+     * file (the copy engine's reader threads) can show it too. */
+    char *tmp_snapshot_id, *tmp_snapshot_name;
 };
+
+/* convert -l: the driver's snapshot_load_tmp, recorded in the image. */
+int vimg_internal_snapshot_load_tmp(struct vimg_image *img, const char *id, const char *name,
+                                    struct vimg_error *err);
 
 /* For drivers: record a one-line warning for the caller to show. */
 void vimg_internal_warn(struct vimg_image *img, const char *fmt, ...)

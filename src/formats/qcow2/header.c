@@ -1058,6 +1058,64 @@ static bool qcow2_has_zero_init(struct vimg_image *img)
     return !(s->incompat & QCOW2_INCOMPAT_DATAFILE) || (s->autoclear & QCOW2_AUTOCLEAR_RAW);
 }
 
+/* convert -l: the snapshot's L1 table replaces the active one in this
+ * read-only open image (qemu's qcow2_snapshot_load_tmp: the virtual size
+ * stays the image's). */
+static int qcow2_snapshot_load_tmp(struct vimg_image *img, const char *id, const char *name,
+                                   struct vimg_error *err)
+{
+    struct qcow2_state *s = qcow2_s(img);
+    const struct qcow2_snapshot *sn = NULL;
+    uint64_t *l1;
+    int ret;
+
+    if (img->flags & VIMG_OPEN_RDWR) {
+        vimg_error_set(err, EINVAL, "Device is not readonly");
+        return -EINVAL;
+    }
+    for (uint32_t i = 0; i < s->nb_snapshots && !sn; i++) {
+        const struct qcow2_snapshot *c = &s->snapshots[i];
+        if ((id || name) && (!id || 0 == strcmp(c->id, id)) &&
+            (!name || 0 == strcmp(c->name, name))) {
+            sn = c;
+        }
+    }
+    if (!sn) {
+        vimg_error_set(err, ENOENT, "Can't find snapshot");
+        return -ENOENT;
+    }
+    ret = qcow2_validate_table(s, sn->l1_offset, sn->l1_size, 8, QCOW2_MAX_L1_SIZE,
+                               "Snapshot L1 table", err);
+    if (ret >= 0) {
+        ret = qcow2_table_in_file(img, sn->l1_offset, (uint64_t)sn->l1_size * 8,
+                                  "Snapshot L1 table", err);
+    }
+    if (ret < 0) {
+        return ret;
+    }
+    l1 = malloc(sn->l1_size ? (size_t)sn->l1_size * 8 : 1);
+    if (!l1) {
+        vimg_error_set(err, ENOMEM, "out of memory");
+        return -ENOMEM;
+    }
+    ret = vimg_file_pread(img->file, l1, (size_t)sn->l1_size * 8, sn->l1_offset);
+    if (ret < 0) {
+        free(l1);
+        vimg_error_set(err, -ret, "Failed to read l1 table for snapshot");
+        return ret;
+    }
+    for (uint32_t i = 0; i < sn->l1_size; i++) {
+        l1[i] = vimg_ld_be64((const uint8_t *)&l1[i]);
+    }
+    free(s->l1);
+    s->l1 = l1;
+    s->l1_size = sn->l1_size;
+    s->l1_offset = sn->l1_offset;
+    /* anything cached by guest offset belongs to the other state */
+    s->cbuf_guest = UINT64_MAX;
+    return 0;
+}
+
 const struct vimg_driver vimg_driver_qcow2 = {
     .abi_version = VIMG_DRIVER_ABI_VERSION,
     .name = "qcow2",
@@ -1084,4 +1142,5 @@ const struct vimg_driver vimg_driver_qcow2 = {
     .write_compressed_data = qcow2_write_compressed_data,
     .alloc_data = qcow2_alloc_data,
     .preallocate = qcow2_preallocate,
+    .snapshot_load_tmp = qcow2_snapshot_load_tmp,
 };
