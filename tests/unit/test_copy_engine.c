@@ -38,6 +38,8 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include "test_tmp.h"
+
 #include "core/copy.h"
 #include "io/fmap.h"
 #include "core/image.h"
@@ -661,24 +663,18 @@ static void test_append_writer_trace(void **state)
 
 /* ---- posix files, every backend ------------------------------------------- */
 
-static char tmpdir[PATH_MAX - 64];
 
 static int group_setup(void **state)
 {
-    const char *base = getenv("VIMG_TEST_TMP");
-    if (!base || !*base) {
-        base = "/tmp";
+    if (test_tmp_make("test_copy_engine") < 0) {
+        return -1;
     }
-    mkdir(base, 0755);
-    snprintf(tmpdir, sizeof(tmpdir), "%s/test_copy_engine.XXXXXX", base);
-    return mkdtemp(tmpdir) ? 0 : -1;
+    return 0;
 }
 
 static int group_teardown(void **state)
 {
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return test_tmp_remove();
 }
 
 #define POSIX_SIZE (24 * MiB + 1536)   /* not a multiple of 4K on purpose */

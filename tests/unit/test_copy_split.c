@@ -22,6 +22,8 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include "test_tmp.h"
+
 #include "core/copy.h"
 #include "vimg/vimg.h"
 
@@ -137,17 +139,10 @@ static void test_copy_split_min_clamped_to_n(void **state)
 
 /* ---- end to end ---------------------------------------------------------- */
 
-static char tmpdir[PATH_MAX - 64];
 
 static int setup_tmp(void **state)
 {
-    const char *base = getenv("VIMG_TEST_TMP");
-    if (!base || !*base) {
-        base = "/tmp";
-    }
-    mkdir(base, 0755);
-    snprintf(tmpdir, sizeof(tmpdir), "%s/test_copy_split.XXXXXX", base);
-    if (!mkdtemp(tmpdir)) {
+    if (test_tmp_make("test_copy_split") < 0) {
         return -1;
     }
     return 0;
@@ -155,9 +150,7 @@ static int setup_tmp(void **state)
 
 static int teardown_tmp(void **state)
 {
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return test_tmp_remove();
 }
 
 static void path(char *out, size_t len, const char *name)

@@ -23,24 +23,22 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include "test_tmp.h"
+
 #include "core/image.h"
 #include "formats/cow.h"
 #include "util/util.h"
 #include "vimg/vimg.h"
 
-static char tmpdir[PATH_MAX - 64];
 static char images[PATH_MAX - 64];
 
 static int group_setup(void **state)
 {
-    const char *base = getenv("VIMG_TEST_TMP");
     char *slash;
 
-    if (!base || !*base) {
-        base = "/tmp";
+    if (test_tmp_make("test_cow") < 0) {
+        return -1;
     }
-    mkdir(base, 0755);
-    snprintf(tmpdir, sizeof(tmpdir), "%s/test_cow.XXXXXX", base);
     snprintf(images, sizeof(images), "%s", __FILE__);
     slash = strrchr(images, '/');
     if (slash) {
@@ -49,9 +47,6 @@ static int group_setup(void **state)
     slash = strrchr(images, '/');
     if (slash) {
         strcpy(slash, "/images");
-    }
-    if (!mkdtemp(tmpdir)) {
-        return -1;
     }
     /* backing paths are absolute: make the folder's name canonical */
     char *real = realpath(tmpdir, NULL);
@@ -65,9 +60,7 @@ static int group_setup(void **state)
 
 static int group_teardown(void **state)
 {
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return test_tmp_remove();
 }
 
 /* ---- the header parser ---------------------------------------------------- */

@@ -19,29 +19,25 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include "test_tmp.h"
+
 #include "io/file.h"
 
 #define KiB 1024ull
 #define MiB (1024ull * 1024)
 
-static char tmpdir[PATH_MAX - 64];
 
 static int group_setup(void **state)
 {
-    const char *base = getenv("VIMG_TEST_TMP");
-    if (!base || !*base) {
-        base = "/tmp";
+    if (test_tmp_make("test_file") < 0) {
+        return -1;
     }
-    mkdir(base, 0755);
-    snprintf(tmpdir, sizeof(tmpdir), "%s/test_file.XXXXXX", base);
-    return mkdtemp(tmpdir) ? 0 : -1;
+    return 0;
 }
 
 static int group_teardown(void **state)
 {
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return test_tmp_remove();
 }
 
 /* Each posix test gets a fresh file, opened read-write, in *state. */

@@ -20,6 +20,8 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include "test_tmp.h"
+
 #include "core/image.h"
 #include "core/opts.h"
 #include "util/util.h"
@@ -28,19 +30,15 @@
 int vimg_internal_qcow_check_header(const uint8_t *hdr, uint64_t *l1_entries,
                                     const char **msg);
 
-static char tmpdir[PATH_MAX - 64];
 static char images[PATH_MAX - 64];
 
 static int group_setup(void **state)
 {
-    const char *base = getenv("VIMG_TEST_TMP");
     char *slash;
 
-    if (!base || !*base) {
-        base = "/tmp";
+    if (test_tmp_make("test_qcow") < 0) {
+        return -1;
     }
-    mkdir(base, 0755);
-    snprintf(tmpdir, sizeof(tmpdir), "%s/test_qcow.XXXXXX", base);
     /* fixtures live beside this file: tests/unit/../images */
     snprintf(images, sizeof(images), "%s", __FILE__);
     slash = strrchr(images, '/');
@@ -51,14 +49,12 @@ static int group_setup(void **state)
     if (slash) {
         strcpy(slash, "/images");
     }
-    return mkdtemp(tmpdir) ? 0 : -1;
+    return 0;
 }
 
 static int group_teardown(void **state)
 {
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return test_tmp_remove();
 }
 
 static void make_header(uint8_t *h, uint32_t version, uint64_t size, uint8_t cb, uint8_t l2b,

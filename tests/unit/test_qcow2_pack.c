@@ -23,35 +23,29 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include "test_tmp.h"
+
 #include "core/image.h"
 #include "formats/qcow2/qcow2.h"
 #include "io/file.h"
 #include "util/util.h"
 #include "vimg/vimg.h"
 
-static char tmpdir[PATH_MAX - 128];
 static unsigned serial;
 
 static int group_setup(void **state)
 {
-    const char *base = getenv("VIMG_TEST_TMP");
 
     (void)state;
-    if (!base || !*base) {
-        base = "/tmp";
+    if (test_tmp_make("test_qcow2_pack") < 0) {
+        return -1;
     }
-    mkdir(base, 0755);
-    snprintf(tmpdir, sizeof(tmpdir), "%s/test_qcow2_pack.XXXXXX", base);
-    return mkdtemp(tmpdir) ? 0 : -1;
+    return 0;
 }
 
 static int group_teardown(void **state)
 {
-    char cmd[PATH_MAX + 32];
-
-    (void)state;
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-    return 0 == system(cmd) ? 0 : -1;
+    return test_tmp_remove();
 }
 
 /* A fresh qcow2 image with the given creation options, opened read-write. */

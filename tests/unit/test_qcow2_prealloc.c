@@ -20,9 +20,10 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include "test_tmp.h"
+
 #include "vimg/vimg.h"
 
-static char tmpdir[PATH_MAX - 128];
 
 static int sh(const char *fmt, ...)
 {
@@ -38,19 +39,16 @@ static int sh(const char *fmt, ...)
 static int group_setup(void **state)
 {
     (void)state;
-    const char *base = getenv("VIMG_TEST_TMP");
-    if (!base || !*base) {
-        base = "/tmp";
+    if (test_tmp_make("test_qcow2_prealloc") < 0) {
+        return -1;
     }
-    mkdir(base, 0755);
-    snprintf(tmpdir, sizeof(tmpdir), "%s/test_qcow2_prealloc.XXXXXX", base);
-    return mkdtemp(tmpdir) ? 0 : -1;
+    return 0;
 }
 
 static int group_teardown(void **state)
 {
     (void)state;
-    return sh("rm -rf '%s'", tmpdir) == 0 ? 0 : -1;
+    return test_tmp_remove();
 }
 
 /* Make img.qcow2 (create options, qemu-io commands), preallocate it with

@@ -22,43 +22,36 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include "test_tmp.h"
+
 #include "core/image.h"
 #include "util/util.h"
 #include "vimg/vimg.h"
 
-static char dir[PATH_MAX - 64];
 static char img_path[PATH_MAX];
 
 static int setup(void **state)
 {
-    const char *base = getenv("VIMG_TEST_TMP");
     char cmd[3 * PATH_MAX];
 
     if (0 != system("command -v qemu-img >/dev/null && command -v qemu-io >/dev/null")) {
         return 0;
     }
-    snprintf(dir, sizeof(dir), "%s/test_qcow2_snapshot.XXXXXX",
-             base && *base ? base : "/tmp");
-    if (!mkdtemp(dir)) {
+    if (test_tmp_make("test_qcow2_snapshot") < 0) {
         return -1;
     }
-    snprintf(img_path, sizeof(img_path), "%s/sn.qcow2", dir);
+    snprintf(img_path, sizeof(img_path), "%s/sn.qcow2", tmpdir);
     snprintf(cmd, sizeof(cmd),
              "cd '%s' && qemu-img create -q -f qcow2 sn.qcow2 4M && "
              "qemu-io -c 'write -P 0x11 0 1M' sn.qcow2 >/dev/null && "
              "qemu-img snapshot -c one sn.qcow2 && "
-             "qemu-io -c 'write -P 0x22 0 1M' sn.qcow2 >/dev/null", dir);
+             "qemu-io -c 'write -P 0x22 0 1M' sn.qcow2 >/dev/null", tmpdir);
     return 0 == system(cmd) ? 0 : -1;
 }
 
 static int teardown(void **state)
 {
-    char cmd[PATH_MAX + 16];
-    if (dir[0]) {
-        snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
-        return system(cmd) == 0 ? 0 : -1;
-    }
-    return 0;
+    return test_tmp_remove();
 }
 
 /* A copy of the image whose first snapshot entry says l1 at off, size n. */
@@ -103,7 +96,7 @@ static void test_snapshot_load_tmp(void **state)
     char p[PATH_MAX];
     uint8_t b = 0;
 
-    if (!dir[0]) {
+    if (!tmpdir[0]) {
         skip();
     }
     assert_int_equal(0, load(img_path, 0, NULL, NULL, &b, &err) < 0 ? 0 : 1);
@@ -118,7 +111,7 @@ static void test_snapshot_load_tmp(void **state)
     assert_string_equal("Device is not readonly", err.msg);
     vimg_error_clear(&err);
 
-    snprintf(p, sizeof(p), "%s/bad.qcow2", dir);
+    snprintf(p, sizeof(p), "%s/bad.qcow2", tmpdir);
     patched(p, 65536 + 512, 1);
     assert_int_equal(-EINVAL, load(p, 0, "1", NULL, &b, &err));
     assert_string_equal("Snapshot L1 table offset invalid", err.msg);

@@ -19,9 +19,10 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include "test_tmp.h"
+
 #include "vimg/vimg.h"
 
-static char tmpdir[PATH_MAX - 128];
 
 static int sh(const char *fmt, ...)
 {
@@ -36,18 +37,15 @@ static int sh(const char *fmt, ...)
 
 static int group_setup(void **state)
 {
-    const char *base = getenv("VIMG_TEST_TMP");
-    if (!base || !*base) {
-        base = "/tmp";
+    if (test_tmp_make("test_qcow2_write") < 0) {
+        return -1;
     }
-    mkdir(base, 0755);
-    snprintf(tmpdir, sizeof(tmpdir), "%s/test_qcow2_write.XXXXXX", base);
-    return mkdtemp(tmpdir) ? 0 : -1;
+    return 0;
 }
 
 static int group_teardown(void **state)
 {
-    return sh("rm -rf '%s'", tmpdir) == 0 ? 0 : -1;
+    return test_tmp_remove();
 }
 
 enum op_kind { OP_WRITE, OP_ZERO, OP_ZERO_UNMAP, OP_DISCARD };

@@ -22,6 +22,8 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include "test_tmp.h"
+
 #include "core/copy.h"
 #include "core/image.h"
 #include "core/opts.h"
@@ -32,25 +34,19 @@
 #define CS 4096u
 #define SPAN (512u * CS)   /* one L2 table of a qcow made without a backing file */
 
-static char tmpdir[PATH_MAX - 64];
 
 static int group_setup(void **state)
 {
-    const char *base = getenv("VIMG_TEST_TMP");
 
-    if (!base || !*base) {
-        base = "/tmp";
+    if (test_tmp_make("test_qcow_append") < 0) {
+        return -1;
     }
-    mkdir(base, 0755);
-    snprintf(tmpdir, sizeof(tmpdir), "%s/test_qcow_append.XXXXXX", base);
-    return mkdtemp(tmpdir) ? 0 : -1;
+    return 0;
 }
 
 static int group_teardown(void **state)
 {
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return test_tmp_remove();
 }
 
 static void create_qcow(const char *path, const char *size, const char *backing)

@@ -22,6 +22,8 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include "test_tmp.h"
+
 #include "vimg/vimg.h"
 
 #define KiB 1024ull
@@ -29,18 +31,11 @@
 #define GiB (1024ull * MiB)
 
 static char src[PATH_MAX - 128];
-static char tmp[PATH_MAX - 128];
 
 static int group_setup(void **state)
 {
-    const char *base = getenv("VIMG_TEST_TMP");
     const char *slash;
-    if (!base || !*base) {
-        base = "/tmp";
-    }
-    mkdir(base, 0755);
-    snprintf(tmp, sizeof(tmp), "%s/test_vmdk_io.XXXXXX", base);
-    if (!mkdtemp(tmp)) {
+    if (test_tmp_make("test_vmdk_io") < 0) {
         return -1;
     }
     snprintf(src, sizeof(src), "%s", __FILE__);
@@ -54,15 +49,13 @@ static int group_setup(void **state)
 
 static int group_teardown(void **state)
 {
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmp);
-    return 0 == system(cmd) ? 0 : -1;
+    return test_tmp_remove();
 }
 
 static void copy_fixture(const char *name, char *out, size_t outlen)
 {
     char cmd[3 * PATH_MAX];
-    snprintf(out, outlen, "%s/%s", tmp, name);
+    snprintf(out, outlen, "%s/%s", tmpdir, name);
     snprintf(cmd, sizeof(cmd), "cp '%s/%s' '%s'", src, name, out);
     assert_int_equal(0, system(cmd));
 }
@@ -276,8 +269,8 @@ static void test_vmdk_cow_second_extent(void **state)
     struct vimg_image *img;
     const uint64_t g = 2 * GiB + 640 * KiB;   /* a grain inside extent 2 */
 
-    snprintf(base, sizeof(base), "%s/cow-base.vmdk", tmp);
-    snprintf(top, sizeof(top), "%s/cow-top.vmdk", tmp);
+    snprintf(base, sizeof(base), "%s/cow-base.vmdk", tmpdir);
+    snprintf(top, sizeof(top), "%s/cow-top.vmdk", tmpdir);
     create(base, "size=3G");
     img = open_img(base, VIMG_OPEN_RDWR);
     pattern(b, 'B', g, 64 * KiB);
@@ -312,7 +305,7 @@ static void test_vmdk_zero_size(void **state)
     char path[PATH_MAX];
     struct vimg_image *img;
 
-    snprintf(path, sizeof(path), "%s/zero.vmdk", tmp);
+    snprintf(path, sizeof(path), "%s/zero.vmdk", tmpdir);
     create(path, "size=0");
     img = open_img(path, 0);
     assert_int_equal(0, vimg_size(img));
@@ -337,7 +330,7 @@ static void test_vmdk_roundtrip_subformats(void **state)
         struct vimg_error err = { 0 };
         struct vimg_image *img;
 
-        snprintf(path, sizeof(path), "%s/rt-%zu.vmdk", tmp, i);
+        snprintf(path, sizeof(path), "%s/rt-%zu.vmdk", tmpdir, i);
         snprintf(opt, sizeof(opt), "size=%llu,subformat=%s", (unsigned long long)size,
                  subs[i]);
         create(path, opt);
