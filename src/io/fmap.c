@@ -163,6 +163,24 @@ bool vimg_fmap_resident(const struct vimg_fmap *m, uint64_t off, uint64_t len)
  * 64 KiB by default): release whole windows of that size. */
 #define FMAP_AROUND (64u * 1024)
 
+/* The kernel maps cached pages around a faulting one too (fault-around,
+ * 64 KiB by default): release whole windows of that size. */
+#define FMAP_AROUND (64u * 1024)
+
+void vimg_fmap_populate(const struct vimg_fmap *m, uint64_t off, uint64_t len)
+{
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    uint64_t start = vimg_align_down(off, page), end;
+
+    if (!m->base || off >= m->len) {
+        return;
+    }
+    end = VIMG_MIN(off + len, m->len);
+#ifdef MADV_POPULATE_READ
+    madvise((void *)(m->base + start), (size_t)(end - start), MADV_POPULATE_READ);
+#endif
+}
+
 void vimg_fmap_release(const struct vimg_fmap *m, uint64_t off, uint64_t len)
 {
     uint64_t start = vimg_align_down(off, FMAP_AROUND), end;

@@ -1,7 +1,7 @@
 /*
- * Read-only mappings of host files, for the copy engine: data that is
- * already in the page cache is zero-checked and written to the target
- * straight from the cache, without a copy into a buffer first.
+ * Read-only mappings of host files, for the copy engine: clusters already
+ * in the page cache are compressed straight from the cache, without a
+ * copy into a buffer first.
  *
  * A mapped file that shrinks under us (another process truncates it) would
  * raise SIGBUS on the next access.  While any mapping is open, a SIGBUS
