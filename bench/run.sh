@@ -629,6 +629,9 @@ for row in "${SELECTED[@]}"; do
         *) die "$name: unknown check '$check'" ;;
         esac
         if [[ -z $fail && $check != stdout ]]; then
+            # ext4 counts delayed allocation differently before writeback:
+            # compare what lands on disk
+            sync "$W/out.qemu-img" "$W/out.vimg" 2>/dev/null || sync
             alloc="$(alloc_mib "$W/out.qemu-img")/$(alloc_mib "$W/out.vimg")"
             if (($(alloc_bytes "$W/out.vimg") > $(alloc_bytes "$W/out.qemu-img"))); then
                 notes+=("ALLOC>QEMU")
