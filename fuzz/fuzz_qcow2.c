@@ -1,5 +1,6 @@
 /* The qcow2 driver through the core on an in-memory file: probe, open,
- * info, block status and reads over everything, check, then a few writes
+ * info, block status and reads over everything (also of internal
+ * snapshots, as convert -l loads them), check, then a few writes
  * (the append-mode writer and its commit, preallocate, allocation, COW,
  * zero clusters, discard, compressed) and a resize. */
 #include "config.h"
@@ -37,6 +38,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct vimg_error err = { 0 };
     struct vimg_qobj *info = NULL;
     uint8_t buf[4096];
+
+    /* convert -l: a snapshot's L1 table in place of the active one */
+    if (vimg_file_open_mem(&f, "fuzz.qcow2", data, size, size, false) < 0) {
+        return 0;
+    }
+    if (0 == vimg_internal_open_file(&img, f, "qcow2", 0, &err)) {
+        static const char *const ids[] = { "1", "2" };
+        for (size_t i = 0; i < sizeof(ids) / sizeof(ids[0]); i++) {
+            if (0 == vimg_internal_snapshot_load_tmp(img, ids[i], NULL, &err)) {
+                fuzz_qcow2_read_all(img);
+            }
+            vimg_error_clear(&err);
+        }
+        vimg_close(img);
+    }
+    vimg_error_clear(&err);
 
     if (vimg_file_open_mem(&f, "fuzz.qcow2", data, size, size + (4u << 20), true) < 0) {
         return 0;
