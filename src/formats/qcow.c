@@ -867,7 +867,6 @@ static int qcow_append_commit(struct vimg_image *img, struct vimg_error *err)
     struct qcow_state *s = img->opaque;
     struct qcow_append *a = &s->app;
     uint64_t buf[512];
-    int64_t fsize;
     int ret;
 
     if (QCOW_APPEND_ON != a->state) {
@@ -883,18 +882,10 @@ static int qcow_append_commit(struct vimg_image *img, struct vimg_error *err)
     }
     /* the host file covers every cluster handed out, as qemu's truncate
      * to the end of each new cluster leaves it */
-    fsize = vimg_file_size(img->file);
-    if (fsize < 0) {
-        return qcow_io_error(img, (int)fsize, "could not get the file size", err);
+    if ((ret = vimg_file_cover(img->file, a->next)) < 0) {
+        return qcow_io_error(img, ret, "could not grow the file", err);
     }
-    if ((uint64_t)fsize < a->next) {
-        ret = img->file->ops->truncate(img->file, a->next);
-        if (ret < 0) {
-            return qcow_io_error(img, ret, "could not grow the file", err);
-        }
-        fsize = (int64_t)a->next;
-    }
-    qcow_grew(s, (uint64_t)fsize);
+    qcow_grew(s, a->next);
     /* no cached table may stand for space this writer filled */
     for (int i = 0; i < QCOW_L2_CACHE; i++) {
         s->l2[i].off = 0;

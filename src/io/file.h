@@ -84,6 +84,17 @@ static inline int vimg_file_sync(struct vimg_file *f)
 {
     return f->no_sync ? 0 : f->ops->sync(f);
 }
+/* Grow f to at least size bytes (never shrinks it): 0 or a negative errno.
+ * The append-mode writers end with it, so the file covers every cluster
+ * they handed out even when the engine left a tail unwritten. */
+static inline int vimg_file_cover(struct vimg_file *f, uint64_t size)
+{
+    int64_t cur = vimg_file_size(f);
+    if (cur < 0) {
+        return (int)cur;
+    }
+    return (uint64_t)cur < size ? f->ops->truncate(f, size) : 0;
+}
 void vimg_file_close(struct vimg_file *f);
 
 /*

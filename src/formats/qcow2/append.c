@@ -217,7 +217,6 @@ int qcow2_append_commit(struct vimg_image *img, struct vimg_error *err)
 {
     struct qcow2_state *s = qcow2_s(img);
     struct qcow2_append *a = &s->app;
-    int64_t fsize;
     uint64_t *l1 = NULL;
     int ret;
 
@@ -237,17 +236,8 @@ int qcow2_append_commit(struct vimg_image *img, struct vimg_error *err)
     if (ret < 0 || a->next == a->start) {
         return ret;
     }
-    /* the host file covers every cluster handed out, even one whose tail
-     * the engine never wrote */
-    fsize = vimg_file_size(img->file);
-    if (fsize < 0) {
-        return qcow2_io_error(img, (int)fsize, "Could not get file size", err);
-    }
-    if ((uint64_t)fsize < a->next) {
-        ret = img->file->ops->truncate(img->file, a->next);
-        if (ret < 0) {
-            return qcow2_io_error(img, ret, "Could not extend the image file", err);
-        }
+    if ((ret = vimg_file_cover(img->file, a->next)) < 0) {
+        return qcow2_io_error(img, ret, "Could not extend the image file", err);
     }
     /* data and tables before the refcounts that claim them, refcounts
      * before the L1 entries that reference the tables */

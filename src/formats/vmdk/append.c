@@ -342,11 +342,7 @@ int vmdk_append_commit(struct vimg_image *img, struct vimg_error *err)
      * directories that make them reachable */
     for (size_t i = 0; i < s->n && ret >= 0; i++) {
         struct vmdk_extent *e = &s->ext[i];
-        int64_t fsize = vimg_file_size(e->file);
-        if (fsize < 0) {
-            ret = vmdk_io_error(err, (int)fsize, "sizing", e->file, 0);
-        } else if ((uint64_t)fsize < e->next_alloc &&
-                   (ret = e->file->ops->truncate(e->file, e->next_alloc)) < 0) {
+        if ((ret = vimg_file_cover(e->file, e->next_alloc)) < 0) {
             vmdk_io_error(err, ret, "extending", e->file, e->next_alloc);
         } else if ((ret = vimg_file_sync(e->file)) < 0) {
             vmdk_io_error(err, ret, "flushing", e->file, 0);
