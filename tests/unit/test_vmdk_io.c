@@ -24,6 +24,8 @@
 
 #include "test_tmp.h"
 
+#include "core/image.h"
+#include "util/util.h"
 #include "vimg/vimg.h"
 
 #define KiB 1024ull
@@ -316,6 +318,46 @@ static void test_vmdk_zero_size(void **state)
     vimg_close(img);
 }
 
+/* The append-mode writer overwrites grain tables whole: one that a fresh
+ * image's directory places over the header or a directory is refused
+ * (the engine then writes through the ordinary path). */
+static void test_vmdk_append_refuses_bad_tables(void **state)
+{
+    char path[PATH_MAX];
+    struct vimg_image *img;
+    struct vimg_error err = { 0 };
+    struct vimg_run run = { 0 };
+    uint8_t h[512], e[4];
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/append-ok.vmdk", tmpdir);
+    create(path, "size=8M");
+    img = open_img(path, VIMG_OPEN_RDWR);
+    assert_int_equal(0, img->drv->alloc_data(img, 0, 65536, &run, &err));
+    assert_int_equal(65536, run.length);
+    vimg_close(img);
+
+    for (int which = 0; which < 2; which++) {
+        snprintf(path, sizeof(path), "%s/append-bad%d.vmdk", tmpdir, which);
+        create(path, "size=8M");
+        f = fopen(path, "r+b");
+        assert_non_null(f);
+        assert_int_equal(1, fread(h, sizeof(h), 1, f));
+        /* GD entry 0 (which 0) or redundant GD entry 0 (which 1): sector 0 */
+        uint64_t dir = (0 == which ? vimg_ld_le64(h + 56) : vimg_ld_le64(h + 48)) * 512;
+        vimg_st_le32(e, 0 == which ? 1 : 0);
+        assert_int_equal(0, fseek(f, (long)dir, SEEK_SET));
+        assert_int_equal(1, fwrite(e, sizeof(e), 1, f));
+        fclose(f);
+        if (vimg_open(&img, path, "vmdk", VIMG_OPEN_RDWR, NULL, &err) < 0) {
+            vimg_error_clear(&err);   /* refused at open: just as safe */
+            continue;
+        }
+        assert_int_equal(-ENOTSUP, img->drv->alloc_data(img, 0, 65536, &run, &err));
+        vimg_close(img);
+    }
+}
+
 /* Round trip through every subformat vimg creates, with a short last grain. */
 static void test_vmdk_roundtrip_subformats(void **state)
 {
@@ -372,6 +414,7 @@ int main(void)
         cmocka_unit_test(test_vmdk_write_missing_gt),
         cmocka_unit_test(test_vmdk_cow_second_extent),
         cmocka_unit_test(test_vmdk_zero_size),
+        cmocka_unit_test(test_vmdk_append_refuses_bad_tables),
         cmocka_unit_test(test_vmdk_roundtrip_subformats),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);

@@ -26,6 +26,22 @@
 
 #define VMDK_APPEND_ZBUF (1u << 20)
 
+/* A grain table the writer will overwrite whole must lie in the metadata
+ * area after the header and descriptor (where the first directory starts,
+ * in qemu's and VMware's layouts) and clear of both directories: the
+ * image is ours, but its tables come from the file. */
+static bool vmdk_append_gt_ok(const struct vmdk_extent *e, uint64_t sector)
+{
+    uint64_t off = sector * VMDK_SECTOR, end = off + (uint64_t)e->gtes * 4;
+    uint64_t dir = (uint64_t)e->l1_size * 4;
+    uint64_t meta = e->rgd ? VIMG_MIN(e->gd_off, e->rgd_off) : e->gd_off;
+
+    return sector < (UINT64_MAX / VMDK_SECTOR) && off >= VIMG_MAX(meta, VMDK_SECTOR) &&
+           end <= e->overhead &&
+           (end <= e->gd_off || off >= e->gd_off + dir) &&
+           (!e->rgd || end <= e->rgd_off || off >= e->rgd_off + dir);
+}
+
 static bool vmdk_append_eligible(struct vimg_image *img)
 {
     struct vmdk_state *s = img->opaque;
@@ -43,7 +59,7 @@ static bool vmdk_append_eligible(struct vimg_image *img)
             return false;
         }
         for (uint32_t g = 0; g < e->l1_size; g++) {
-            if (!e->gd[g] || (e->rgd && !e->rgd[g])) {
+            if (!vmdk_append_gt_ok(e, e->gd[g]) || (e->rgd && !vmdk_append_gt_ok(e, e->rgd[g]))) {
                 return false;
             }
         }
