@@ -666,10 +666,7 @@ static void test_append_writer_trace(void **state)
 
 static int group_setup(void **state)
 {
-    if (test_tmp_make("test_copy_engine") < 0) {
-        return -1;
-    }
-    return 0;
+    return test_tmp_make("test_copy_engine");
 }
 
 static int group_teardown(void **state)
@@ -701,27 +698,37 @@ static void make_source(const char *path)
     free(buf);
 }
 
-static void posix_copy(const char *src_path, const char *dst_path,
-                       const struct vimg_copy_opts *o)
+/* Copy the raw src_path into a new dst_path of format fmt (POSIX_SIZE):
+ * vimg_copy's result, with its message in *err. */
+static int posix_copy_fmt(const char *src_path, const char *dst_path, const char *fmt,
+                          const struct vimg_copy_opts *o, struct vimg_error *err)
 {
-    struct vimg_error err = { 0 };
     struct vimg_opts *opts = vimg_opts_new();
     struct vimg_image *src, *dst;
     char size[32];
+    int ret;
 
     unlink(dst_path);
     snprintf(size, sizeof(size), "%llu", (unsigned long long)POSIX_SIZE);
     vimg_opts_set(opts, "size", size);
-    assert_int_equal(0, vimg_create(dst_path, "raw", opts, &err));
+    assert_int_equal(0, vimg_create(dst_path, fmt, opts, err));
     vimg_opts_free(opts);
-    assert_int_equal(0, vimg_open(&src, src_path, "raw", 0, NULL, &err));
-    assert_int_equal(0, vimg_open(&dst, dst_path, "raw", VIMG_OPEN_RDWR, NULL, &err));
+    assert_int_equal(0, vimg_open(&src, src_path, "raw", 0, NULL, err));
+    assert_int_equal(0, vimg_open(&dst, dst_path, fmt, VIMG_OPEN_RDWR, NULL, err));
     struct vimg_image *srcs[] = { src };
-    if (vimg_copy(srcs, 1, dst, o, &err) < 0) {
-        fail_msg("vimg_copy: %s", err.msg);
-    }
+    ret = vimg_copy(srcs, 1, dst, o, err);
     vimg_close(src);
     vimg_close(dst);
+    return ret;
+}
+
+static void posix_copy(const char *src_path, const char *dst_path,
+                       const struct vimg_copy_opts *o)
+{
+    struct vimg_error err = { 0 };
+    if (posix_copy_fmt(src_path, dst_path, "raw", o, &err) < 0) {
+        fail_msg("vimg_copy: %s", err.msg);
+    }
 }
 
 static void assert_same_content(const char *a, const char *b)
@@ -817,32 +824,17 @@ static void test_backends_same_qcow2(void **state)
     for (size_t i = 0; i < 3; i++) {
         struct vimg_aio *aio;
         struct vimg_error err = { 0 };
-        struct vimg_opts *opts = vimg_opts_new();
-        struct vimg_image *s, *d;
-        char size[32];
 
         setenv("VIMG_AIO", backend_env[i], 1);
         if (vimg_aio_new(&aio, VIMG_AIO_AUTO, 4) < 0) {
             print_message("backend %s unavailable here: not tested\n", backend_env[i]);
-            vimg_opts_free(opts);
             continue;
         }
         vimg_aio_free(aio);
         snprintf(dst, sizeof(dst), "%s/dst-%s.qcow2", tmpdir, backend_env[i]);
-        unlink(dst);
-        snprintf(size, sizeof(size), "%llu", (unsigned long long)POSIX_SIZE);
-        vimg_opts_set(opts, "size", size);
-        vimg_opts_set(opts, "cluster_size", "65536");
-        assert_int_equal(0, vimg_create(dst, "qcow2", opts, &err));
-        vimg_opts_free(opts);
-        assert_int_equal(0, vimg_open(&s, src, "raw", 0, NULL, &err));
-        assert_int_equal(0, vimg_open(&d, dst, "qcow2", VIMG_OPEN_RDWR, NULL, &err));
-        struct vimg_image *srcs[] = { s };
-        if (vimg_copy(srcs, 1, d, &o, &err) < 0) {
+        if (posix_copy_fmt(src, dst, "qcow2", &o, &err) < 0) {
             fail_msg("vimg_copy: %s", err.msg);
         }
-        vimg_close(s);
-        vimg_close(d);
         assert_string_equal(backend_env[i], vimg_internal_copy_backend());
         if (!ref[0]) {
             strcpy(ref, dst);
@@ -955,25 +947,13 @@ static void test_mapped_source_same_result(void **state)
         struct vimg_copy_opts oc = { .sparse_size = 4096, .target_has_zero_init = true,
                                      .fresh_target = true, .compress = true };
         struct vimg_error err = { 0 };
-        struct vimg_opts *opts = vimg_opts_new();
-        struct vimg_image *sim, *dim;
-        const char *d = nomap ? b : a;
 
         if (nomap) {
             setenv("VIMG_COPY_NO_MAP", "1", 1);
         }
-        unlink(d);
-        vimg_opts_set(opts, "size", "25167360");   /* POSIX_SIZE */
-        assert_int_equal(0, vimg_create(d, "qcow2", opts, &err));
-        vimg_opts_free(opts);
-        assert_int_equal(0, vimg_open(&sim, src, "raw", 0, NULL, &err));
-        assert_int_equal(0, vimg_open(&dim, d, "qcow2", VIMG_OPEN_RDWR, NULL, &err));
-        struct vimg_image *srcs[] = { sim };
-        if (vimg_copy(srcs, 1, dim, &oc, &err) < 0) {
+        if (posix_copy_fmt(src, nomap ? b : a, "qcow2", &oc, &err) < 0) {
             fail_msg("vimg_copy -c: %s", err.msg);
         }
-        vimg_close(sim);
-        vimg_close(dim);
         unsetenv("VIMG_COPY_NO_MAP");
     }
     snprintf(cmd, sizeof(cmd), "cmp -s '%s' '%s'", a, b);
@@ -1006,8 +986,6 @@ static void test_mapped_source_shrinks(void **state)
                                 .fresh_target = true, .compress = true, .threads = 1,
                                 .progress = shrink_progress, .progress_opaque = &done };
     struct vimg_error err = { 0 };
-    struct vimg_opts *opts = vimg_opts_new();
-    struct vimg_image *s, *d;
 
     snprintf(src, sizeof(src), "%s/src-shrink.img", tmpdir);
     snprintf(dst, sizeof(dst), "%s/dst-shrink.qcow2", tmpdir);
@@ -1016,23 +994,12 @@ static void test_mapped_source_shrinks(void **state)
     if (!can_map(src)) {
         print_message("mappings refused here (a SIGBUS handler): not tested\n");
         bus_restore();
-        vimg_opts_free(opts);
         return;
     }
     shrink_path = src;
-    unlink(dst);
-    vimg_opts_set(opts, "size", "25167360");   /* POSIX_SIZE */
-    assert_int_equal(0, vimg_create(dst, "qcow2", opts, &err));
-    vimg_opts_free(opts);
-    assert_int_equal(0, vimg_open(&s, src, "raw", 0, NULL, &err));
-    assert_int_equal(0, vimg_open(&d, dst, "qcow2", VIMG_OPEN_RDWR, NULL, &err));
-    struct vimg_image *srcs[] = { s };
-    int got = vimg_copy(srcs, 1, d, &o, &err);
-    assert_int_equal(-EIO, got);
+    assert_int_equal(-EIO, posix_copy_fmt(src, dst, "qcow2", &o, &err));
     assert_non_null(strstr(err.msg, "shrank while it was being read"));
     assert_true(done);
-    vimg_close(s);
-    vimg_close(d);
     bus_restore();
 }
 

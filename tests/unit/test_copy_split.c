@@ -142,10 +142,7 @@ static void test_copy_split_min_clamped_to_n(void **state)
 
 static int setup_tmp(void **state)
 {
-    if (test_tmp_make("test_copy_split") < 0) {
-        return -1;
-    }
-    return 0;
+    return test_tmp_make("test_copy_split");
 }
 
 static int teardown_tmp(void **state)

@@ -29,10 +29,7 @@
 
 static int group_setup(void **state)
 {
-    if (test_tmp_make("test_file") < 0) {
-        return -1;
-    }
-    return 0;
+    return test_tmp_make("test_file");
 }
 
 static int group_teardown(void **state)

@@ -35,12 +35,7 @@ static unsigned serial;
 
 static int group_setup(void **state)
 {
-
-    (void)state;
-    if (test_tmp_make("test_qcow2_pack") < 0) {
-        return -1;
-    }
-    return 0;
+    return test_tmp_make("test_qcow2_pack");
 }
 
 static int group_teardown(void **state)

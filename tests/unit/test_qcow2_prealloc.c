@@ -38,11 +38,7 @@ static int sh(const char *fmt, ...)
 
 static int group_setup(void **state)
 {
-    (void)state;
-    if (test_tmp_make("test_qcow2_prealloc") < 0) {
-        return -1;
-    }
-    return 0;
+    return test_tmp_make("test_qcow2_prealloc");
 }
 
 static int group_teardown(void **state)

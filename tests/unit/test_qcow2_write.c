@@ -37,10 +37,7 @@ static int sh(const char *fmt, ...)
 
 static int group_setup(void **state)
 {
-    if (test_tmp_make("test_qcow2_write") < 0) {
-        return -1;
-    }
-    return 0;
+    return test_tmp_make("test_qcow2_write");
 }
 
 static int group_teardown(void **state)

@@ -34,14 +34,9 @@
 #define CS 4096u
 #define SPAN (512u * CS)   /* one L2 table of a qcow made without a backing file */
 
-
 static int group_setup(void **state)
 {
-
-    if (test_tmp_make("test_qcow_append") < 0) {
-        return -1;
-    }
-    return 0;
+    return test_tmp_make("test_qcow_append");
 }
 
 static int group_teardown(void **state)

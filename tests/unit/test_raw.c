@@ -33,10 +33,7 @@ static char img_path[PATH_MAX];
 
 static int group_setup(void **state)
 {
-    if (test_tmp_make("test_raw") < 0) {
-        return -1;
-    }
-    return 0;
+    return test_tmp_make("test_raw");
 }
 
 static int group_teardown(void **state)
